@@ -1,0 +1,239 @@
+"""Rounding onto a format's grid, and the grid's code index (``../shared/SPEC.md`` §2)."""
+
+from __future__ import annotations
+
+import numbers
+from enum import Enum
+from typing import Optional, Union
+
+import torch
+
+from altgrad_lightning._bits import FLOAT_DTYPES, floor_log2, pow2
+from altgrad_lightning.formats import Flavour, FloatFormat, FormatLike, get_format
+
+__all__ = ["Rounding", "quantize", "code_index"]
+
+ScaleLike = Union[float, torch.Tensor, None]
+
+
+class Rounding(str, Enum):
+    """Rounding modes of :func:`quantize`."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+    TOWARD_ZERO = "toward_zero"
+
+
+def check_float_tensor(x: object, arg: str) -> torch.Tensor:
+    """Raise one clear error unless ``x`` is a float32/float64/float16/bfloat16 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected argument `{arg}` to be a torch.Tensor, but got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"Expected argument `{arg}` to be a float32, float64, float16 or bfloat16 tensor, but got {x.dtype}"
+        )
+    return x
+
+
+def check_scale(scale: ScaleLike, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validate ``scale`` (positive, finite, broadcastable to ``like``, same device) and return it as a tensor."""
+    if scale is None:
+        return None
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        value = float(scale)
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"Expected argument `scale` to be a positive finite number, but got {scale!r}")
+        return torch.tensor(value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"Expected argument `scale` to be None, a positive float or a tensor, but got {type(scale).__name__}")
+    if not scale.is_floating_point():
+        raise TypeError(f"Expected argument `scale` to be a floating-point tensor, but got {scale.dtype}")
+    if scale.device != like.device:
+        raise ValueError(f"Expected argument `scale` on the device of the input ({like.device}), but got {scale.device}")
+    try:
+        torch.broadcast_shapes(scale.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"Expected argument `scale` to broadcast to the input's shape {tuple(like.shape)}, but got shape {tuple(scale.shape)}"
+        ) from None
+    if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        # Checked on CPU only: on an accelerator this would be a host synchronisation.
+        raise ValueError("Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite ones")
+    return scale
+
+
+def compute_dtype(x_dtype: torch.dtype, fmt: FloatFormat) -> torch.dtype:
+    """float32 when every value of ``fmt`` (and its spacing) is a float32 value and the input is not float64."""
+    fits32 = fmt.emin - fmt.mantissa_bits >= -149 and fmt.emax <= 127 and fmt.mantissa_bits <= 23
+    return torch.float32 if x_dtype != torch.float64 and fits32 else torch.float64
+
+
+def _exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """The binade exponent of ``a`` on ``fmt``'s grid: ``floor(log2 a)`` clamped below at ``emin``."""
+    return floor_log2(a).clamp_min(fmt.emin)
+
+
+def _round_magnitude(
+    a: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Round non-negative ``a`` onto ``fmt``'s grid, ignoring overflow. NaN stays NaN, inf stays inf."""
+    spacing = pow2(_exponent(a, fmt) - fmt.mantissa_bits, a.dtype)
+    r = a / spacing  # exact: division by a power of two whose result is an integer below 2**(M+2)
+    if rounding is Rounding.NEAREST:
+        # e8m0 has no mantissa to be even: torch and ml_dtypes round its ties up (away from zero).
+        n = torch.floor(r + 0.5) if fmt.flavour is Flavour.E8M0 else torch.round(r)
+    elif rounding is Rounding.TOWARD_ZERO:
+        n = torch.trunc(r)
+    else:
+        lower = torch.floor(r)
+        u = torch.rand(a.shape, generator=generator, dtype=a.dtype, device=a.device)
+        n = lower + (u < (r - lower)).to(a.dtype)  # r - lower is exact; P(up) = distance to lower / gap
+    if not fmt.has_zero:
+        n = n.clamp_min(1.0)
+    return n * spacing
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    *,
+    scale: ScaleLike = None,
+    rounding: Union[str, Rounding] = "nearest",
+    saturate: Optional[bool] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Round ``x`` onto the grid of ``fmt`` and return it in ``x``'s dtype.
+
+    With ``scale`` the result is ``scale * q(x / scale)`` (``scale`` a positive float or a tensor broadcastable
+    to ``x``).
+
+    Semantics (``../shared/SPEC.md`` §2):
+
+    - ``rounding="nearest"``: round to nearest, ties to even, carrying from the largest subnormal into the smallest
+      normal and from the largest mantissa into the next binade. ``e8m0`` has no mantissa: its ties round up, as
+      torch and ml_dtypes do.
+    - ``rounding="stochastic"``: round up with probability (x - lower) / (upper - lower), so E[q(x)] = x inside the
+      range; draws come from ``torch.rand(..., generator=generator)`` in the working precision (float32, or
+      float64 for float64 inputs), so the probability is exact to 2**-24 (2**-53) of the gap.
+    - ``rounding="toward_zero"``: truncate the magnitude.
+    - Overflow (a rounded magnitude above ``fmt.max``, including ±inf inputs): ``saturate=True`` gives ±max,
+      ``saturate=False`` gives ±inf where the format has infinities, NaN otherwise. ``None`` uses
+      ``fmt.saturate_default``: saturating for ``fn`` and ``finite`` formats (torch's float8_e4m3fn cast; ml_dtypes'
+      FP6/FP4), not for the others (torch's float8_e5m2 and fnuz casts). ml_dtypes' float8_e4m3fn gives NaN above
+      464: that is ``saturate=False``. Toward zero never rounds a finite input past ``max``.
+    - NaN in gives NaN out, also for formats without NaN (``finite``): a quantizer that turned NaN into a number
+      would hide the fault. Signed zero is kept where the format has -0 (``fnuz`` returns +0).
+    - Unsigned formats (``e8m0``): zero, negative values and NaN give NaN, as ml_dtypes does (torch's
+      float8_e8m0fnu cast differs there); values below the smallest power 2**-127 round up to it.
+
+    The arithmetic is exact: it runs in float32 (float64 for float64 inputs or formats wider than float32), and
+    float16/bfloat16 inputs are widened first. The result is cast back to ``x``'s dtype, which is exact whenever
+    the format's grid is contained in that dtype.
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor, on any device.
+        fmt: a :class:`~altgrad_lightning.FloatFormat`, a format name or a ``torch.dtype``.
+        scale: optional positive scale.
+        rounding: ``"nearest"``, ``"stochastic"`` or ``"toward_zero"``.
+        saturate: overflow behaviour, see above.
+        generator: ``torch.Generator`` on ``x``'s device for ``rounding="stochastic"``.
+
+    Example:
+        >>> x = torch.tensor([2.3, 464.0, 465.0, -2.0**-12, float("inf")])
+        >>> quantize(x, "float8_e4m3fn")
+        tensor([  2.2500, 448.0000, 448.0000,  -0.0000, 448.0000])
+        >>> quantize(x, "float8_e4m3fn", saturate=False)
+        tensor([  2.2500, 448.0000,      nan,  -0.0000,      nan])
+        >>> quantize(torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8]), "bfloat16")  # ties to even
+        tensor([1.0000, 1.0156])
+        >>> quantize(torch.tensor([0.75]), "e4m3", scale=2.0**-10)  # 0.75 * 2**10 overflows 448
+        tensor([0.4375])
+    """
+    check_float_tensor(x, "x")
+    fmt = get_format(fmt)
+    try:
+        mode = Rounding(rounding)
+    except ValueError:
+        known = ", ".join(repr(r.value) for r in Rounding)
+        raise ValueError(f"Expected argument `rounding` to be one of {known}, but got {rounding!r}") from None
+    if saturate is not None and not isinstance(saturate, bool):
+        raise TypeError(f"Expected argument `saturate` to be None or a bool, but got {saturate!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"Expected argument `generator` to be a torch.Generator, but got {type(generator).__name__}")
+        if generator.device.type != x.device.type:
+            raise ValueError(f"Expected argument `generator` on {x.device.type}, but got one on {generator.device}")
+    scale_t = check_scale(scale, x)
+    sat = fmt.saturate_default if saturate is None else saturate
+    cd = compute_dtype(x.dtype, fmt)
+    xc = x.to(cd)
+    if scale_t is not None:
+        xc = xc / scale_t.to(cd)
+    q = _quantize_unscaled(xc, fmt, mode, sat, generator)
+    if scale_t is not None:
+        q = q * scale_t.to(cd)
+    return q.to(x.dtype)
+
+
+def _quantize_unscaled(
+    x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, saturate: bool, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    a = x.abs()
+    q = _round_magnitude(a, fmt, rounding, generator)
+    limit = fmt.max
+    over = q > limit
+    if rounding is Rounding.TOWARD_ZERO:
+        # Truncation never crosses max for a finite input; only inf (or an fn format's NaN code) is left to handle.
+        over_finite = over & torch.isfinite(a)
+        q = torch.where(over_finite, torch.full_like(q, limit), q)
+        over = over & ~over_finite
+    if saturate:
+        overflow_value = limit
+    else:
+        overflow_value = float("inf") if fmt.has_inf else float("nan")
+    q = torch.where(over, torch.full_like(q, overflow_value), q)
+    if fmt.signed:
+        q = torch.copysign(q, x)
+        if not fmt.has_negative_zero:
+            q = q + 0.0  # -0 + 0 is +0: fnuz formats have no negative zero
+    else:
+        q = torch.where(x > 0, q, torch.full_like(q, float("nan")))
+    return torch.where(torch.isnan(x), x, q)
+
+
+def grid_index(q: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Order-preserving index of values ``q`` already on ``fmt``'s (unscaled) grid, as float64 (NaN stays NaN).
+
+    Consecutive grid values differ by exactly 1; +0 and -0 are 0. Exact for every format with at most 53 bits of
+    codes (all presets).
+    """
+    a = q.abs().to(torch.float64)
+    e = _exponent(a, fmt)
+    index = (e - fmt.emin).to(torch.float64) * 2.0**fmt.mantissa_bits + a / pow2(e - fmt.mantissa_bits, torch.float64)
+    index = torch.where(torch.isinf(a), torch.full_like(a, float("inf")), index)
+    return torch.where(q < 0, -index, index).where(~torch.isnan(a), a)
+
+
+def code_index(x: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike = None) -> torch.Tensor:
+    """Order-preserving integer index of ``x`` on ``fmt``'s grid, as a float64 tensor.
+
+    ``x`` is first rounded with ``quantize(x, fmt, scale=scale, saturate=True)`` (values already on the grid are
+    unchanged), then numbered so that consecutive grid values differ by exactly 1, zero (either sign) is 0 and
+    negative values have negative indices. ``|code_index(a) - code_index(b)|`` is the number of grid steps from a
+    to b. float64 holds every index exactly for formats of up to 53 bits (all presets) and lets NaN stay NaN.
+
+    Example:
+        >>> code_index(torch.tensor([0.0, 2.0**-9, 2.0**-6, 1.0, 448.0, -448.0]), "float8_e4m3fn")
+        tensor([   0.,    1.,    8.,   56.,  126., -126.], dtype=torch.float64)
+    """
+    check_float_tensor(x, "x")
+    fmt = get_format(fmt)
+    return grid_index(quantize_to_grid(x, fmt, check_scale(scale, x)), fmt)
+
+
+def quantize_to_grid(x: torch.Tensor, fmt: FloatFormat, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Nearest, saturating rounding of ``x / scale`` onto the *unscaled* grid, in the working precision."""
+    xc = x.to(compute_dtype(x.dtype, fmt))
+    if scale is not None:
+        xc = xc / scale.to(xc.dtype)
+    return _quantize_unscaled(xc, fmt, Rounding.NEAREST, True, None)
