@@ -25,7 +25,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
 
 import torch
 
@@ -90,11 +89,15 @@ class FloatFormat:
         if not 0 <= m <= 52:
             raise ValueError(f"Expected argument `mantissa_bits` to be in [0, 52], but got {m}")
         if e == 0 and flavour is not Flavour.FINITE:
-            raise ValueError(f"Expected `flavour='finite'` for a fixed-point format (exponent_bits=0), but got {flavour.value!r}")
+            raise ValueError(
+                f"Expected `flavour='finite'` for a fixed-point format (exponent_bits=0), but got {flavour.value!r}"
+            )
         if e == 0 and m == 0:
             raise ValueError("Expected `mantissa_bits` >= 1 for a fixed-point format (exponent_bits=0), but got 0")
         if flavour is Flavour.IEEE and e < 2:
-            raise ValueError(f"Expected `exponent_bits` >= 2 for flavour 'ieee' (its top exponent is reserved), but got {e}")
+            raise ValueError(
+                f"Expected `exponent_bits` >= 2 for flavour 'ieee' (its top exponent is reserved), but got {e}"
+            )
         if flavour is Flavour.FN and e < 1:
             raise ValueError(f"Expected `exponent_bits` >= 1 for flavour 'fn', but got {e}")
         if flavour is Flavour.E8M0 and (m != 0 or self.signed):
@@ -260,7 +263,7 @@ class FloatFormat:
         return self.name
 
 
-FormatLike = Union[FloatFormat, str, torch.dtype]
+FormatLike = FloatFormat | str | torch.dtype
 
 _F = Flavour
 PRESETS: dict[str, FloatFormat] = {
@@ -355,7 +358,9 @@ def get_format(spec: FormatLike) -> FloatFormat:
             raise ValueError(f"Expected argument `spec` to be a floating torch.dtype among {known}, but got {spec}")
         return PRESETS[_TORCH_DTYPES[name]]
     if not isinstance(spec, str):
-        raise TypeError(f"Expected argument `spec` to be a FloatFormat, a format name or a torch.dtype, but got {spec!r}")
+        raise TypeError(
+            f"Expected argument `spec` to be a FloatFormat, a format name or a torch.dtype, but got {spec!r}"
+        )
     key = spec.strip().lower()
     key = ALIASES.get(key, key)
     if key in PRESETS:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numbers
 from enum import Enum
-from typing import Optional, Union
 
 import torch
 
 from altgrad_lightning._bits import FLOAT_DTYPES, floor_log2, pow2
 from altgrad_lightning.formats import Flavour, FloatFormat, FormatLike, get_format
 
-__all__ = ["Rounding", "quantize", "code_index"]
+__all__ = ["Rounding", "code_index", "quantize"]
 
-ScaleLike = Union[float, torch.Tensor, None]
+ScaleLike = float | torch.Tensor | None
 
 
 class Rounding(str, Enum):
@@ -35,7 +34,27 @@ def check_float_tensor(x: object, arg: str) -> torch.Tensor:
     return x
 
 
-def check_scale(scale: ScaleLike, like: torch.Tensor) -> Optional[torch.Tensor]:
+def check_pair(a: object, b: object, names: tuple[str, str], *, same_dtype: bool = False) -> None:
+    """Raise one clear error unless ``a`` and ``b`` are float tensors of one shape on one device."""
+    check_float_tensor(a, names[0])
+    check_float_tensor(b, names[1])
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"Expected arguments `{names[0]}` and `{names[1]}` to have the same shape, but got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(
+            f"Expected arguments `{names[0]}` and `{names[1]}` on the same device, but got {a.device} and {b.device}"
+        )
+    if same_dtype and a.dtype != b.dtype:
+        raise TypeError(
+            f"Expected arguments `{names[0]}` and `{names[1]}` to have the same dtype, but got {a.dtype} and {b.dtype}"
+        )
+
+
+def check_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor | None:
     """Validate ``scale`` (positive, finite, broadcastable to ``like``, same device) and return it as a tensor."""
     if scale is None:
         return None
@@ -43,22 +62,31 @@ def check_scale(scale: ScaleLike, like: torch.Tensor) -> Optional[torch.Tensor]:
         value = float(scale)
         if not (value > 0 and value < float("inf")):
             raise ValueError(f"Expected argument `scale` to be a positive finite number, but got {scale!r}")
-        return torch.tensor(value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
+        return torch.tensor(
+            value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device
+        )
     if not isinstance(scale, torch.Tensor):
-        raise TypeError(f"Expected argument `scale` to be None, a positive float or a tensor, but got {type(scale).__name__}")
+        raise TypeError(
+            f"Expected argument `scale` to be None, a positive float or a tensor, but got {type(scale).__name__}"
+        )
     if not scale.is_floating_point():
         raise TypeError(f"Expected argument `scale` to be a floating-point tensor, but got {scale.dtype}")
     if scale.device != like.device:
-        raise ValueError(f"Expected argument `scale` on the device of the input ({like.device}), but got {scale.device}")
+        raise ValueError(
+            f"Expected argument `scale` on the device of the input ({like.device}), but got {scale.device}"
+        )
     try:
         torch.broadcast_shapes(scale.shape, like.shape)
     except RuntimeError:
         raise ValueError(
-            f"Expected argument `scale` to broadcast to the input's shape {tuple(like.shape)}, but got shape {tuple(scale.shape)}"
+            f"Expected argument `scale` to broadcast to the input's shape {tuple(like.shape)}, "
+            f"but got shape {tuple(scale.shape)}"
         ) from None
     if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
         # Checked on CPU only: on an accelerator this would be a host synchronisation.
-        raise ValueError("Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite ones")
+        raise ValueError(
+            "Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite ones"
+        )
     return scale
 
 
@@ -74,7 +102,7 @@ def _exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 
 def _round_magnitude(
-    a: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator: Optional[torch.Generator]
+    a: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Round non-negative ``a`` onto ``fmt``'s grid, ignoring overflow. NaN stays NaN, inf stays inf."""
     spacing = pow2(_exponent(a, fmt) - fmt.mantissa_bits, a.dtype)
@@ -98,9 +126,9 @@ def quantize(
     fmt: FormatLike,
     *,
     scale: ScaleLike = None,
-    rounding: Union[str, Rounding] = "nearest",
-    saturate: Optional[bool] = None,
-    generator: Optional[torch.Generator] = None,
+    rounding: str | Rounding = "nearest",
+    saturate: bool | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Round ``x`` onto the grid of ``fmt`` and return it in ``x``'s dtype.
 
@@ -160,7 +188,9 @@ def quantize(
         raise TypeError(f"Expected argument `saturate` to be None or a bool, but got {saturate!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"Expected argument `generator` to be a torch.Generator, but got {type(generator).__name__}")
+            raise TypeError(
+                f"Expected argument `generator` to be a torch.Generator, but got {type(generator).__name__}"
+            )
         if generator.device.type != x.device.type:
             raise ValueError(f"Expected argument `generator` on {x.device.type}, but got one on {generator.device}")
     scale_t = check_scale(scale, x)
@@ -176,7 +206,7 @@ def quantize(
 
 
 def _quantize_unscaled(
-    x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, saturate: bool, generator: Optional[torch.Generator]
+    x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, saturate: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     a = x.abs()
     q = _round_magnitude(a, fmt, rounding, generator)
@@ -231,7 +261,7 @@ def code_index(x: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike = None) -> 
     return grid_index(quantize_to_grid(x, fmt, check_scale(scale, x)), fmt)
 
 
-def quantize_to_grid(x: torch.Tensor, fmt: FloatFormat, scale: Optional[torch.Tensor]) -> torch.Tensor:
+def quantize_to_grid(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None) -> torch.Tensor:
     """Nearest, saturating rounding of ``x / scale`` onto the *unscaled* grid, in the working precision."""
     xc = x.to(compute_dtype(x.dtype, fmt))
     if scale is not None:
