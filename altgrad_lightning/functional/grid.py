@@ -68,7 +68,7 @@ def _grid_alignment_compute(sums: Sums) -> dict[str, torch.Tensor]:
         "on_grid_frac": ratio(sums["n_on_grid"], sums["n_valid"]),
         "overflow_frac": ratio(sums["n_overflow"], sums["n_valid"]),
         "underflow_frac": ratio(sums["n_underflow"], sums["n_valid"]),
-        "nonfinite_frac": ratio(sums["n_nonfinite"], sums["n_total"]),
+        "grid_nonfinite_frac": ratio(sums["n_nonfinite"], sums["n_total"]),
         "unrepresentable_frac": ratio(sums["n_unrepresentable"], sums["n_total"]),
     }
 
@@ -82,7 +82,7 @@ def grid_alignment_statistics(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleL
     - ``on_grid_frac``: ``err == 0`` exactly (no absolute threshold).
     - ``overflow_frac``: ``|w| > max`` (times ``scale``), before saturation.
     - ``underflow_frac``: ``w != 0`` but the rounding gives 0.
-    - ``nonfinite_frac``: NaN/±inf weights, excluded from everything above, as a fraction of all elements.
+    - ``grid_nonfinite_frac``: NaN/±inf weights, excluded from everything above, as a fraction of all elements.
     - ``unrepresentable_frac``: finite weights the format has no value near at all (zero and negative weights for
       the unsigned ``e8m0``), excluded likewise.
 
@@ -90,7 +90,7 @@ def grid_alignment_statistics(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleL
         >>> stats = grid_alignment_statistics(torch.tensor([1.0, 1.0625, 500.0, 2.0**-11]), "float8_e4m3fn")
         >>> {k: round(v.item(), 4) for k, v in stats.items()}  # doctest: +NORMALIZE_WHITESPACE
         {'grid_error_mean': 13.0157, 'grid_error_max': 52.0, 'grid_error_std': 22.5076, 'on_grid_frac': 0.25,
-         'overflow_frac': 0.25, 'underflow_frac': 0.25, 'nonfinite_frac': 0.0, 'unrepresentable_frac': 0.0}
+         'overflow_frac': 0.25, 'underflow_frac': 0.25, 'grid_nonfinite_frac': 0.0, 'unrepresentable_frac': 0.0}
     """
     check_float_tensor(w, "w")
     fmt = get_format(fmt)

@@ -89,7 +89,7 @@ def _gradient_stiffness_compute(sums: Sums) -> dict[str, torch.Tensor]:
         "grad_stiff_ratio_mean": ratio(sums["sum_ratio"], sums["n_valid"]),
         "grad_stiff_correlation": corr,
         "zero_weight_frac": ratio(sums["n_zero_weight"], sums["n_total"]),
-        "nonfinite_frac": ratio(sums["n_nonfinite"], sums["n_total"]),
+        "grad_nonfinite_frac": ratio(sums["n_nonfinite"], sums["n_total"]),
     }
 
 
@@ -104,7 +104,8 @@ def gradient_stiffness_correlation(
     - ``grad_stiff_ratio_mean`` = mean(|g| / S).
     - ``grad_stiff_correlation`` = Pearson(|g|, S); 0.0 when undefined (fewer than two valid elements or a
       constant side).
-    - ``zero_weight_frac`` and ``nonfinite_frac``: the excluded elements, as fractions of all elements.
+    - ``zero_weight_frac`` and ``grad_nonfinite_frac`` (NaN/±inf in ``w`` or ``g``): the excluded elements, as
+      fractions of all elements.
 
     Fractions of an empty set are 0.0. Sums are float64, so results merge exactly across steps and ranks.
 
@@ -113,7 +114,7 @@ def gradient_stiffness_correlation(
         >>> g = torch.tensor([0.0625, 0.25, 0.25, 1.0])
         >>> {k: round(v.item(), 4) for k, v in gradient_stiffness_correlation(w, g, "e4m3").items()}
         {'grad_below_stiffness_frac': 0.6667, 'grad_stiff_ratio_mean': 1.0, 'grad_stiff_correlation': 0.5,
-         'zero_weight_frac': 0.25, 'nonfinite_frac': 0.0}
+         'zero_weight_frac': 0.25, 'grad_nonfinite_frac': 0.0}
     """
     check_pair(w, g, ("w", "g"))
     fmt = get_format(fmt)

@@ -1,0 +1,68 @@
+"""A Metric whose states are exactly the sums of one functional ``_update`` half."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torchmetrics import Metric
+
+from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
+from altgrad_lightning.functional._reduce import Sums
+from altgrad_lightning.quantize import ScaleLike, check_pair, check_scale
+
+
+class SumsMetric(Metric):
+    """Accumulates the sums of a functional ``_update`` and turns them into statistics with its ``_compute``.
+
+    The states are discovered by calling ``_update`` once on empty tensors, so each state is exactly one sum of the
+    functional core (``dist_reduce_fx="sum"``; ``*_max`` states by ``"max"``) and no formula is written twice.
+    ``compute()`` after ``update()`` calls on several steps and ranks equals the functional on the concatenated data.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    # Any, not Callable: mypy reads a Callable class attribute holding a staticmethod as a bound method.
+    update_fn: ClassVar[Any]  # (a, b, fmt, scale) -> Sums, or (a, b) -> Sums when not uses_format
+    compute_fn: ClassVar[Any]  # (Sums) -> dict[str, Tensor]
+    arg_names: ClassVar[tuple[str, str]] = ("before", "after")
+    uses_format: ClassVar[bool] = True
+
+    def __init__(self, fmt: FormatLike | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.uses_format and fmt is None:
+            raise ValueError(f"Expected argument `fmt` of {type(self).__name__} to be a format, but got None")
+        self.fmt: FloatFormat | None = None if fmt is None else get_format(fmt)
+        empty = torch.zeros(0)
+        for name, value in self.sums_of(empty, empty).items():
+            reduce = "max" if name.endswith("_max") else "sum"
+            self.add_state(name, default=torch.zeros_like(value), dist_reduce_fx=reduce, persistent=True)
+        self.state_names: list[str] = list(self._defaults)
+
+    def sums_of(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None) -> Sums:
+        """The functional ``_update`` sums of one pair, unvalidated (the callback's hot path)."""
+        fn = type(self).update_fn
+        return fn(a, b, self.fmt, scale) if self.uses_format else fn(a, b)
+
+    def accumulate(self, sums: Sums) -> None:
+        """Add sums from :meth:`sums_of` (or another metric's :meth:`sums`) to the state."""
+        for name, value in sums.items():
+            current = getattr(self, name)
+            setattr(self, name, torch.maximum(current, value) if name.endswith("_max") else current + value)
+
+    def update(self, a: torch.Tensor, b: torch.Tensor, scale: ScaleLike = None) -> None:
+        """Add one pair of tensors of the same shape (see the class docstring for what they are)."""
+        check_pair(a, b, self.arg_names, same_dtype=not self.uses_format)
+        if scale is not None and not self.uses_format:
+            raise ValueError(f"Expected argument `scale` of {type(self).__name__} to be None: it has no format")
+        self.accumulate(self.sums_of(a, b, check_scale(scale, a)))
+
+    def sums(self) -> Sums:
+        """The current sums (local to this process unless called inside ``compute``)."""
+        return {name: getattr(self, name) for name in self.state_names}
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The statistics of everything accumulated since the last ``reset()`` (over all ranks when distributed)."""
+        return type(self).compute_fn(self.sums())
