@@ -1,7 +1,8 @@
 """altgrad_lightning: which weight updates your number format is swallowing, every step.
 
 Layers (dependencies point one way): :mod:`~altgrad_lightning.formats` and :mod:`~altgrad_lightning.quantize`
-(torch only) -> :mod:`altgrad_lightning.functional` (the diagnostics as pure tensor functions).
+(torch only) -> :mod:`altgrad_lightning.functional` (the diagnostics as pure tensor functions) ->
+:mod:`altgrad_lightning.metrics` (torchmetrics) -> :mod:`altgrad_lightning.callbacks` (Lightning).
 """
 
 from altgrad_lightning import functional
@@ -10,9 +11,20 @@ from altgrad_lightning.quantize import Rounding, code_index, quantize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning; load it on first use so the core stays importable with torch alone.
+    if name == "QuantizationMonitor":
+        from altgrad_lightning.callbacks import QuantizationMonitor
+
+        return QuantizationMonitor
+    raise AttributeError(f"module 'altgrad_lightning' has no attribute {name!r}")
+
+
 __all__ = [
     "ALIASES",
     "PRESETS",
+    "QuantizationMonitor",
     "Flavour",
     "FloatFormat",
     "Rounding",

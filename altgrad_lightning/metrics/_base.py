@@ -51,6 +51,9 @@ class SumsMetric(Metric):
         for name, value in sums.items():
             current = getattr(self, name)
             setattr(self, name, torch.maximum(current, value) if name.endswith("_max") else current + value)
+        # What torchmetrics' update() wrapper does: count the update and drop a cached compute() result.
+        self._update_count += 1
+        self._computed = None
 
     def update(self, a: torch.Tensor, b: torch.Tensor, scale: ScaleLike = None) -> None:
         """Add one pair of tensors of the same shape (see the class docstring for what they are)."""

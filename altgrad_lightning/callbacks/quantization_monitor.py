@@ -1,0 +1,338 @@
+"""The Lightning callback: when to feed which tensors to which Metric, and logging (SPEC §4)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.hooks import RemovableHandle
+
+from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
+from altgrad_lightning.functional.ulp import ulp_histogram_edges
+from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
+
+__all__ = ["QuantizationMonitor"]
+
+DIAGNOSTICS = ("stiffness", "grid", "ulp", "flips")
+_FAMILIES: dict[str, type[SumsMetric]] = {
+    "stiffness": GradientStiffness,
+    "grid": GridAlignment,
+    "ulp": UlpMovement,
+    "flips": GridFlips,
+}
+_SCALINGS = ("none", "amax")
+
+
+class QuantizationMonitor(Callback):
+    r"""Logs, every optimizer step, which weight updates each target number format would swallow.
+
+    Gradients and weights are read in ``on_before_optimizer_step`` (after AMP unscaling, before gradient clipping);
+    the updated weights right after the optimizer really stepped, through the optimizer's own
+    ``register_step_post_hook``. A step the AMP ``GradScaler`` skips (inf/NaN gradients) produces no ULP or flip
+    sample and is counted in ``skipped_steps``. Sampled steps accumulate into the Metrics of
+    :mod:`altgrad_lightning.metrics`, which are logged at the Trainer's logging cadence (``log_every_n_steps``)
+    as the aggregate of the steps since the previous log, then reset.
+
+    Args:
+        formats: one or more target formats (names such as ``"float8_e4m3fn"``, ``"e5m2"``, ``"bf16"`` or
+            :class:`~altgrad_lightning.FloatFormat` s), all evaluated in the same pass over the parameters.
+        diagnostics: any of ``"stiffness"``, ``"grid"``, ``"ulp"``, ``"flips"``.
+        include: regular expressions; a parameter is selected if its name matches one (``re.search``). Default:
+            every trainable parameter that has a gradient at the step.
+        exclude: regular expressions; matching parameters are dropped (after ``include``).
+        per_parameter: also log every statistic per parameter (keys end in ``/{parameter_name}``).
+        every_n_steps: sample one optimizer step in ``n`` (by ``trainer.global_step``); other steps cost nothing.
+        scaling: ``"none"``, or ``"amax"`` for the grid an FP8 recipe with current per-tensor scaling would use:
+            ``scale = amax(|w|) / fmt.max`` per parameter and format. Flips use the scale of the weights before
+            the step on both sides, so a flip is movement of the weight, not of the scale.
+        prefix: first component of every key.
+        log_histogram: log the ULP-movement histogram as fractions per log2 bucket.
+
+    Logged metrics (``{fmt}`` is the canonical format name, e.g. ``float8_e4m3fn``):
+
+    - ``{prefix}/{fmt}/grad_below_stiffness_frac``, ``grad_stiff_ratio_mean``, ``grad_stiff_correlation``,
+      ``zero_weight_frac``, ``grad_nonfinite_frac`` (``"stiffness"``)
+    - ``{prefix}/{fmt}/grid_error_mean``, ``grid_error_max``, ``grid_error_std``, ``on_grid_frac``,
+      ``overflow_frac``, ``underflow_frac``, ``grid_nonfinite_frac``, ``unrepresentable_frac`` (``"grid"``)
+    - ``{prefix}/{fmt}/flip_frac``, ``update_stall_frac``, ``updated_frac``, ``grid_steps_mean``,
+      ``flip_nonfinite_frac`` (``"flips"``)
+    - ``{prefix}/ulp_mean``, ``ulp_median``, ``ulp_max``, ``ulp_zero_frac``, ``ulp_nonfinite_frac`` and, with
+      ``log_histogram``, ``{prefix}/ulp_hist/{bucket}`` (bucket ``0``, ``1``, ``2-3``, ``4-7``, ...) (``"ulp"``,
+      in the weights' own storage dtype)
+    - ``{prefix}/skipped_steps``: optimizer steps skipped by the AMP scaler since the previous log
+    - with ``per_parameter``, each of the above (but the histogram) again with ``/{parameter_name}`` appended
+
+    Example::
+
+        trainer = Trainer(callbacks=[QuantizationMonitor(formats=["float8_e4m3fn", "bfloat16"])])
+    """
+
+    def __init__(
+        self,
+        formats: FormatLike | Sequence[FormatLike] = "float8_e4m3fn",
+        diagnostics: Sequence[str] = DIAGNOSTICS,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        per_parameter: bool = False,
+        every_n_steps: int = 1,
+        scaling: str = "none",
+        prefix: str = "altgrad",
+        log_histogram: bool = True,
+    ) -> None:
+        fmt_list = [formats] if isinstance(formats, (str, FloatFormat, torch.dtype)) else list(formats)
+        if not fmt_list:
+            raise ValueError("Expected argument `formats` to name at least one format, but got an empty sequence")
+        self.formats: list[FloatFormat] = [get_format(f) for f in fmt_list]
+        names = [f.name for f in self.formats]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected argument `formats` to hold distinct formats, but got {names}")
+        diag = [diagnostics] if isinstance(diagnostics, str) else list(diagnostics)
+        unknown = [d for d in diag if d not in DIAGNOSTICS]
+        if unknown or not diag:
+            raise ValueError(
+                f"Expected argument `diagnostics` to be a non-empty subset of {DIAGNOSTICS}, but got {diag}"
+            )
+        self.diagnostics = tuple(d for d in DIAGNOSTICS if d in diag)
+        self.include = _compile(include, "include")
+        self.exclude = _compile(exclude, "exclude")
+        if not isinstance(per_parameter, bool):
+            raise ValueError(f"Expected argument `per_parameter` to be a bool, but got {per_parameter!r}")
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"Expected argument `every_n_steps` to be a positive int, but got {every_n_steps!r}")
+        if scaling not in _SCALINGS:
+            raise ValueError(f"Expected argument `scaling` to be one of {_SCALINGS}, but got {scaling!r}")
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise ValueError(f"Expected argument `prefix` to be a non-empty key component, but got {prefix!r}")
+        self.per_parameter = per_parameter
+        self.every_n_steps = every_n_steps
+        self.scaling = scaling
+        self.prefix = prefix
+        self.log_histogram = bool(log_histogram)
+
+        self._metrics: dict[str, SumsMetric] = {}
+        self._selected: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}  # id(optimizer) -> parameters
+        self._pending: dict[int, list[tuple[str, torch.nn.Parameter, torch.Tensor, list[torch.Tensor | None]]]] = {}
+        self._stepping: set[int] = set()  # optimizers between on_before_optimizer_step and their post hook
+        self._handles: list[RemovableHandle] = []
+        self._hist_buckets = 0
+        self._skipped_steps = 0
+        self._restored: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, formats=[f.name for f in self.formats])
+
+    # --- metric bookkeeping --------------------------------------------------------------------------------------
+    def _key(self, family: str, fmt: FloatFormat | None, param: str | None = None) -> str:
+        parts = [family, "" if fmt is None else fmt.name, param or ""]
+        return "|".join(parts)
+
+    def _metric(self, family: str, fmt: FloatFormat | None, param: str) -> list[SumsMetric]:
+        """The aggregate metric and, with ``per_parameter``, the parameter's own."""
+        out = [self._metrics[self._key(family, fmt)]]
+        if self.per_parameter:
+            out.append(self._metrics[self._key(family, fmt, param)])
+        return out
+
+    def _build_metrics(self, names: Iterable[str], device: torch.device) -> None:
+        self._metrics = {}
+        for family in self.diagnostics:
+            cls = _FAMILIES[family]
+            fmts: list[FloatFormat | None] = [None] if family == "ulp" else list(self.formats)
+            for fmt in fmts:
+                for param in [None, *(names if self.per_parameter else [])]:
+                    # DDP replicas hold identical parameters: every rank computes the same numbers, no sync needed.
+                    metric = cls(fmt, sync_on_compute=False) if fmt is not None else cls(sync_on_compute=False)
+                    self._metrics[self._key(family, fmt, param)] = metric.to(device)
+
+    # --- Lightning hooks -----------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # States are (re)built in on_fit_start: with ddp_spawn, CPU states made earlier can sit in shared memory.
+        self._metrics = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        selected_names: list[str] = []
+        self._selected = {}
+        for i, optimizer in enumerate(trainer.optimizers):
+            chosen = []
+            for j, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+                name = names.get(id(p), f"optimizer_{i}.param_{j}")
+                if p.requires_grad and self._is_selected(name):
+                    chosen.append((name, p))
+                    selected_names.append(name)
+            self._selected[id(optimizer)] = chosen
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        if not selected_names:
+            rank_zero_warn(
+                f"QuantizationMonitor: no trainable parameter matches include={self.include} "
+                f"exclude={self.exclude}; nothing will be logged."
+            )
+        bits = [p.element_size() * 8 for ps in self._selected.values() for _, p in ps]
+        self._hist_buckets = 1 + max(bits, default=0)
+        self._build_metrics(dict.fromkeys(selected_names), pl_module.device)
+        if self._restored is not None:
+            self._apply_restored(self._restored)
+            self._restored = None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        key = id(optimizer)
+        self._stepping.add(key)
+        self._pending.pop(key, None)
+        if trainer.global_step % self.every_n_steps != 0 or key not in self._selected:
+            return
+        grad_scale = self._unapplied_grad_scale(trainer, optimizer)
+        keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
+        pending = []
+        with torch.no_grad():
+            for name, p in self._selected[key]:
+                if p.grad is None:
+                    continue
+                w = p.detach()
+                g = p.grad.detach() if grad_scale is None else p.grad.detach() / grad_scale
+                scales = [self._scale(w, fmt) for fmt in self.formats]
+                for fmt, scale in zip(self.formats, scales, strict=False):
+                    if "stiffness" in self.diagnostics:
+                        for m in self._metric("stiffness", fmt, name):
+                            m.accumulate(m.sums_of(w, g, scale))
+                    if "grid" in self.diagnostics:
+                        for m in self._metric("grid", fmt, name):
+                            m.accumulate(m.sums_of(w, w, scale))
+                if keep_before:
+                    pending.append((name, p, w.clone(), scales))
+        self._pending[key] = pending
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        key = id(optimizer)
+        self._stepping.discard(key)
+        with torch.no_grad():
+            for name, p, before, scales in self._pending.pop(key, []):
+                w = p.detach()
+                if "ulp" in self.diagnostics:
+                    for m in self._metric("ulp", None, name):
+                        m.accumulate(m.sums_of(before, w))
+                if "flips" in self.diagnostics:
+                    for fmt, scale in zip(self.formats, scales, strict=False):
+                        for m in self._metric("flips", fmt, name):
+                            m.accumulate(m.sums_of(before, w, scale))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # An optimizer whose post hook did not fire since on_before_optimizer_step was skipped (AMP inf/NaN).
+        self._skipped_steps += len(self._stepping)
+        self._stepping.clear()
+        self._pending.clear()
+        if trainer._logger_connector.should_update_logs:  # the same test Lightning uses to flush the step's logs
+            pl_module.log_dict(self._compute_and_reset(), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # --- checkpointing -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self._skipped_steps,
+            "metrics": {key: {k: v.detach().cpu() for k, v in m.sums().items()} for key, m in self._metrics.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before on_fit_start builds the metrics: keep the state until then.
+        self._restored = state_dict
+        if self._metrics:
+            self._apply_restored(state_dict)
+            self._restored = None
+
+    def _apply_restored(self, state: dict[str, Any]) -> None:
+        self._skipped_steps = int(state.get("skipped_steps", 0))
+        for key, sums in state.get("metrics", {}).items():
+            metric = self._metrics.get(key)
+            if metric is not None:
+                metric.reset()
+                metric.accumulate({k: v.to(metric.device) for k, v in sums.items()})
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+    def _is_selected(self, name: str) -> bool:
+        if self.include and not any(r.search(name) for r in self.include):
+            return False
+        return not any(r.search(name) for r in self.exclude)
+
+    def _scale(self, w: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
+        if self.scaling == "none":
+            return None
+        amax = w.abs().amax().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+        # An all-zero (or non-finite) tensor has no meaningful amax: keep the unscaled grid for it.
+        return torch.where(torch.isfinite(amax) & (amax > 0), amax / fmt.max, torch.ones_like(amax))
+
+    @staticmethod
+    def _unapplied_grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """The AMP loss scale still in the gradients: fused optimizers unscale inside ``step()``, after our hook."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not _optimizer_handles_unscaling(optimizer) or not scaler.is_enabled():
+            return None
+        return scaler._scale  # a device tensor: dividing by it needs no host synchronisation
+
+    def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, metric in self._metrics.items():
+            family, fmt_name, param = key.split("|")
+            # An empty window (e.g. the only step was skipped by AMP) logs the zero fractions of empty sums.
+            values = metric.compute() if metric.update_count else type(metric).compute_fn(metric.sums())
+            for stat, value in values.items():
+                if stat == "ulp_histogram":
+                    if self.log_histogram and not param:
+                        out.update(self._histogram_keys(value))
+                    continue
+                parts = [self.prefix, fmt_name, stat, param]
+                out["/".join(p for p in parts if p)] = value
+            metric.reset()
+        out[f"{self.prefix}/skipped_steps"] = torch.tensor(float(self._skipped_steps))
+        self._skipped_steps = 0
+        return out
+
+    def _histogram_keys(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        total = counts.sum().clamp_min(1).to(torch.float64)
+        edges = ulp_histogram_edges()
+        out = {}
+        for b in range(min(self._hist_buckets, len(edges))):
+            lo = edges[b]
+            label = str(lo) if lo < 2 else f"{lo}-{2 * lo - 1}"
+            out[f"{self.prefix}/ulp_hist/{label}"] = counts[b].to(torch.float64) / total
+        return out
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending.clear()
+        self._stepping.clear()
+
+
+def _compile(patterns: str | Sequence[str] | None, arg: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    compiled = []
+    for p in items:
+        if not isinstance(p, str):
+            raise ValueError(f"Expected argument `{arg}` to hold regular expressions (str), but got {p!r}")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"Expected argument `{arg}` to hold valid regular expressions, but {p!r}: {err}") from None
+    return compiled
