@@ -107,10 +107,11 @@ class FloatFormat:
             )
         if flavour is Flavour.FN and m == 0 and e == 1:
             raise ValueError("Expected a format with at least one finite nonzero value, but E1M0 'fn' has none")
-        if self.emin - m < -1074 or self.emax > 1023:
+        top = self._top_exponent_code - self.bias  # emax, computed without forming max (it may overflow)
+        if self.emin - m < -1074 or top > 1023:
             raise ValueError(
                 f"Expected a format whose grid fits in float64 (emin - M >= -1074, emax <= 1023), but got "
-                f"emin - M = {self.emin - m}, emax = {self.emax}"
+                f"emin - M = {self.emin - m}, emax = {top}"
             )
         if not self.name:
             object.__setattr__(self, "name", self._derived_name())
@@ -251,8 +252,8 @@ class FloatFormat:
 
     @property
     def eps(self) -> float:
-        """Distance from 1 to the next larger value, ``2**-M``."""
-        return math.ldexp(1.0, -self.mantissa_bits)
+        """Distance from 1 to the next larger value: ``2**(max(0, emin) - M)`` (1 may be subnormal)."""
+        return math.ldexp(1.0, max(0, self.emin) - self.mantissa_bits)
 
     @property
     def epsneg(self) -> float:
@@ -327,7 +328,7 @@ def _family_format(exponent_bits: int, mantissa_bits: int) -> FloatFormat:
     return fmt
 
 
-def get_format(spec: FormatLike) -> FloatFormat:
+def get_format(spec: FormatLike, *, arg: str = "spec") -> FloatFormat:
     """Return the :class:`FloatFormat` that ``spec`` names.
 
     Args:
@@ -336,6 +337,8 @@ def get_format(spec: FormatLike) -> FloatFormat:
             ``"e0m7"``); ``"eXmY"`` with X + Y <= 7 for the seed's family of formats of at most 8 bits, in which
             every code is a finite number and the bias is ``2**(X-1) - 1`` (so ``"e2m1"`` is float4_e2m1fn and
             ``"e1m6"`` ... ``"e7m0"`` are the seed's 8-bit splits); or a ``torch.dtype`` of a floating format.
+
+    ``arg`` is the argument name used in error messages (functions taking a format pass ``"fmt"``).
 
     Raises:
         ValueError: for an unknown name or dtype (the message lists the known names).
@@ -355,11 +358,11 @@ def get_format(spec: FormatLike) -> FloatFormat:
         name = str(spec).removeprefix("torch.")
         if name not in _TORCH_DTYPES:
             known = ", ".join(f"torch.{n}" for n in _TORCH_DTYPES)
-            raise ValueError(f"Expected argument `spec` to be a floating torch.dtype among {known}, but got {spec}")
+            raise ValueError(f"Expected argument `{arg}` to be a floating torch.dtype among {known}, but got {spec}")
         return PRESETS[_TORCH_DTYPES[name]]
     if not isinstance(spec, str):
         raise TypeError(
-            f"Expected argument `spec` to be a FloatFormat, a format name or a torch.dtype, but got {spec!r}"
+            f"Expected argument `{arg}` to be a FloatFormat, a format name or a torch.dtype, but got {spec!r}"
         )
     key = spec.strip().lower()
     key = ALIASES.get(key, key)
@@ -372,6 +375,6 @@ def get_format(spec: FormatLike) -> FloatFormat:
             return _family_format(x, y)
     known = ", ".join(sorted(PRESETS) + sorted(ALIASES))
     raise ValueError(
-        f"Expected argument `spec` to be a known format name, but got {spec!r}. Known names: {known}, and 'eXmY' "
+        f"Expected argument `{arg}` to be a known format name, but got {spec!r}. Known names: {known}, and 'eXmY' "
         "with X + Y <= 7 (e.g. 'e3m4'); build a FloatFormat(...) for anything else."
     )

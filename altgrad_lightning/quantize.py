@@ -105,11 +105,19 @@ def _round_magnitude(
     a: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Round non-negative ``a`` onto ``fmt``'s grid, ignoring overflow. NaN stays NaN, inf stays inf."""
-    spacing = pow2(_exponent(a, fmt) - fmt.mantissa_bits, a.dtype)
+    e = _exponent(a, fmt)
+    spacing = pow2(e - fmt.mantissa_bits, a.dtype)
     r = a / spacing  # exact: division by a power of two whose result is an integer below 2**(M+2)
     if rounding is Rounding.NEAREST:
-        # e8m0 has no mantissa to be even: torch and ml_dtypes round its ties up (away from zero).
-        n = torch.floor(r + 0.5) if fmt.flavour is Flavour.E8M0 else torch.round(r)
+        if fmt.flavour is Flavour.E8M0:
+            n = torch.floor(r + 0.5)  # torch and ml_dtypes round e8m0 ties up (away from zero)
+        elif fmt.mantissa_bits == 0:
+            # With no mantissa the code's last bit is the exponent's: a tie 1.5 * 2**e goes to 2**e when the
+            # biased exponent e + bias is even (torch.round would always pick the significand 2).
+            n = torch.round(r)
+            n = torch.where((r == 1.5) & (torch.remainder(e + fmt.bias, 2) == 0), torch.ones_like(n), n)
+        else:
+            n = torch.round(r)
     elif rounding is Rounding.TOWARD_ZERO:
         n = torch.trunc(r)
     else:
@@ -178,7 +186,7 @@ def quantize(
         tensor([0.4375])
     """
     check_float_tensor(x, "x")
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     try:
         mode = Rounding(rounding)
     except ValueError:
@@ -227,7 +235,9 @@ def _quantize_unscaled(
         if not fmt.has_negative_zero:
             q = q + 0.0  # -0 + 0 is +0: fnuz formats have no negative zero
     else:
-        q = torch.where(x > 0, q, torch.full_like(q, float("nan")))
+        # No sign bit: negative values (and, without a zero code, zero itself) have no value in the format.
+        unrepresentable = (x < 0) | (x == 0) if not fmt.has_zero else x < 0
+        q = torch.where(unrepresentable, torch.full_like(q, float("nan")), q + 0.0)
     return torch.where(torch.isnan(x), x, q)
 
 
@@ -257,7 +267,7 @@ def code_index(x: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike = None) -> 
         tensor([   0.,    1.,    8.,   56.,  126., -126.], dtype=torch.float64)
     """
     check_float_tensor(x, "x")
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return grid_index(quantize_to_grid(x, fmt, check_scale(scale, x)), fmt)
 
 

@@ -88,7 +88,7 @@ class QuantizationMonitor(Callback):
         fmt_list = [formats] if isinstance(formats, (str, FloatFormat, torch.dtype)) else list(formats)
         if not fmt_list:
             raise ValueError("Expected argument `formats` to name at least one format, but got an empty sequence")
-        self.formats: list[FloatFormat] = [get_format(f) for f in fmt_list]
+        self.formats: list[FloatFormat] = [get_format(f, arg="formats") for f in fmt_list]
         names = [f.name for f in self.formats]
         if len(set(names)) != len(names):
             raise ValueError(f"Expected argument `formats` to hold distinct formats, but got {names}")

@@ -34,7 +34,7 @@ def compute_grid_steps(
         tensor([0., 1., 4., 1.], dtype=torch.float64)
     """
     check_pair(before, after, ("before", "after"))
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _grid_steps(before, after, fmt, check_scale(scale, before))
 
 
@@ -89,5 +89,5 @@ def flip_statistics(
          'flip_nonfinite_frac': 0.0}
     """
     check_pair(before, after, ("before", "after"))
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _flip_compute(_flip_update(before, after, fmt, check_scale(scale, before)))

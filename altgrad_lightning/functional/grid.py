@@ -17,7 +17,8 @@ def _grid_error(
     """``(w, q, err)`` in the working precision; ``q`` is the saturating nearest rounding."""
     wc = w.to(compute_dtype(w.dtype, fmt))
     q = quantize(wc, fmt, scale=scale, saturate=True)
-    return wc, q, (wc - q).abs()
+    err = torch.where(torch.isfinite(wc), (wc - q).abs(), float("nan"))
+    return wc, q, err
 
 
 def grid_alignment_error(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike = None) -> torch.Tensor:
@@ -32,7 +33,7 @@ def grid_alignment_error(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike =
         tensor([ 0.0000,  0.0625,  0.0625, 52.0000])
     """
     check_float_tensor(w, "w")
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _grid_error(w, fmt, check_scale(scale, w))[2]
 
 
@@ -93,5 +94,5 @@ def grid_alignment_statistics(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleL
          'overflow_frac': 0.25, 'underflow_frac': 0.25, 'grid_nonfinite_frac': 0.0, 'unrepresentable_frac': 0.0}
     """
     check_float_tensor(w, "w")
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _grid_alignment_compute(_grid_alignment_update(w, fmt, check_scale(scale, w)))

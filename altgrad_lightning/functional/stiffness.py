@@ -46,7 +46,7 @@ def compute_stiffness_field(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleLik
         tensor([0.0078, 0.0078])
     """
     check_float_tensor(w, "w")
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _stiffness(w, fmt, check_scale(scale, w))
 
 
@@ -117,5 +117,5 @@ def gradient_stiffness_correlation(
          'zero_weight_frac': 0.25, 'grad_nonfinite_frac': 0.0}
     """
     check_pair(w, g, ("w", "g"))
-    fmt = get_format(fmt)
+    fmt = get_format(fmt, arg="fmt")
     return _gradient_stiffness_compute(_gradient_stiffness_update(w, g, fmt, check_scale(scale, w)))

@@ -44,18 +44,28 @@ def compute_ulp_distance(before: torch.Tensor, after: torch.Tensor) -> torch.Ten
 
 
 def _ulp_distance(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    d = (ordered_int(after) - ordered_int(before)).abs()  # wraps only for float64 beyond 2**63: saturate below
-    d = torch.where(d < 0, _INT64_MAX, d)
+    a, b = ordered_int(after), ordered_int(before)
+    diff = a - b  # wraps (two's complement) only for float64 pairs of opposite signs more than 2**63 apart
+    overflow = (torch.bitwise_xor(a, b) < 0) & (torch.bitwise_xor(a, diff) < 0)
+    d = torch.where(overflow | (diff == -_INT64_MAX - 1), _INT64_MAX, diff.abs())  # |-2**63| is not an int64
     return torch.where(torch.isnan(before) | torch.isnan(after), -1, d)
 
 
-def _fine_bucket(d: torch.Tensor) -> torch.Tensor:
-    """Fine histogram bucket of non-negative distances: 0 for 0, else ``1 + 16 k + floor(16 (d / 2**k - 1))``."""
-    df = d.to(torch.float64)
-    k = floor_log2(df.clamp_min(1.0)).to(torch.int64).clamp(0, _OCTAVES - 1)
-    frac = df / pow2(k, torch.float64) - 1.0
-    sub = torch.floor(frac * _SUB).to(torch.int64).clamp(0, _SUB - 1)
-    return torch.where(d == 0, 0, 1 + k * _SUB + sub)
+def _fine_bucket(d_in: torch.Tensor) -> torch.Tensor:
+    """Fine histogram bucket of non-negative int64 distances: 0 for 0, else ``1 + 16 k + floor(16 (d / 2**k - 1))``."""
+    d = d_in
+    d = d.clamp_min(1)
+    k = floor_log2(d.to(torch.float64)).to(torch.int64).clamp(0, 62)  # int64 distances are below 2**63
+    # float64 rounds integers above 2**53 and can bump k by one: correct it with exact integer arithmetic.
+    k = torch.where(torch.bitwise_left_shift(torch.ones_like(k), k) > d, k - 1, k)
+    rest = d - torch.bitwise_left_shift(torch.ones_like(k), k)  # in [0, 2**k)
+    shift = k - _SUB.bit_length() + 1  # 16 sub-buckets: rest * 16 / 2**k = rest >> (k - 4)
+    sub = torch.where(
+        shift >= 0,
+        torch.bitwise_right_shift(rest, shift.clamp_min(0)),
+        torch.bitwise_left_shift(rest, (-shift).clamp_min(0)),
+    )
+    return torch.where(d_in == 0, 0, 1 + k * _SUB + sub.clamp(0, _SUB - 1))
 
 
 def _fine_lower_edges(device: torch.device) -> torch.Tensor:

@@ -34,7 +34,7 @@ class SumsMetric(Metric):
         super().__init__(**kwargs)
         if self.uses_format and fmt is None:
             raise ValueError(f"Expected argument `fmt` of {type(self).__name__} to be a format, but got None")
-        self.fmt: FloatFormat | None = None if fmt is None else get_format(fmt)
+        self.fmt: FloatFormat | None = None if fmt is None else get_format(fmt, arg="fmt")
         empty = torch.zeros(0)
         for name, value in self.sums_of(empty, empty).items():
             reduce = "max" if name.endswith("_max") else "sum"
