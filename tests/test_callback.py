@@ -335,7 +335,7 @@ def test_selection_matching_nothing_warns_and_trains(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"formats": "float7"}, ValueError, "`spec`"),
+        ({"formats": "float7"}, ValueError, "`formats`"),
         ({"formats": []}, ValueError, "`formats`"),
         ({"formats": ["e4m3", "float8_e4m3fn"]}, ValueError, "`formats`"),
         ({"diagnostics": ["stiffness", "nope"]}, ValueError, "`diagnostics`"),
