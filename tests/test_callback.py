@@ -12,73 +12,26 @@ import math
 import os
 
 import lightning.pytorch as pl
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from callback_helpers import (
+    E4M3,
+    E4M3_EMAX,
+    E4M3_EMIN,
+    E4M3_M,
+    E4M3_MAX,
+    TinyRegressor,
+    assert_matches,
+    reference,
+    ulp_histogram_ref,
+)
+from callback_helpers import csv_rows as _csv_rows
+from callback_helpers import fit as _fit
+from callback_helpers import tensorboard_scalars as _tensorboard_scalars
+from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning import QuantizationMonitor
-
-E4M3 = ml_dtypes.float8_e4m3fn
-E4M3_MAX, E4M3_EMIN, E4M3_EMAX, E4M3_M = 448.0, -6, 8, 3
-
-
-class TinyRegressor(pl.LightningModule):
-    def __init__(self, lr: float = 1e-2, optimizer: str = "adam", fused: bool = False) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
-        self.lr, self.optimizer_name, self.fused = lr, optimizer, fused
-        self.poison_step: int | None = None  # global step whose loss is multiplied by inf
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        if self.poison_step is not None and self.global_step == self.poison_step:
-            loss = loss * float("inf")
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr)
-        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused or None)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(256, 6, generator=g)
-        y = x.sum(1, keepdim=True) + 0.1 * torch.randn(256, 1, generator=g)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-
-
-class Probe(pl.Callback):
-    """Captures (w, g, w') per optimizer step independently of the monitor (its own post hook)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, list[np.ndarray]]] = []
-        self.befores = 0
-        self._handle = None
-        self._current: dict[str, list[np.ndarray]] | None = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self._handle = trainer.optimizers[0].register_step_post_hook(self._post)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.befores += 1
-        params = [p for p in pl_module.parameters()]
-        self._current = {
-            "w": [p.detach().double().numpy().copy() for p in params],
-            "g": [p.grad.detach().double().numpy().copy() for p in params],
-            "dtype": [p.detach().numpy().copy() for p in params],
-        }
-
-    def _post(self, optimizer, args, kwargs):
-        assert self._current is not None
-        self._current["w_after"] = [p.detach().numpy().copy() for g in optimizer.param_groups for p in g["params"]]
-        self.steps.append(self._current)
-        self._current = None
-
-    def on_fit_end(self, trainer, pl_module):
-        self._handle.remove()
 
 
 def _reference(step: dict[str, list[np.ndarray]]) -> dict[str, float]:
@@ -101,41 +54,6 @@ def _reference(step: dict[str, list[np.ndarray]]) -> dict[str, float]:
         "ulp_zero_frac": float(np.mean(after == before)),
         "on_grid_frac": float(np.mean(np.clip(w, -448, 448).astype(E4M3).astype(np.float64) == w)),
     }
-
-
-def _fit(tmp_path, monitor, model=None, max_steps=12, log_every_n_steps=1, **trainer_kwargs):
-    model = model or TinyRegressor()
-    probe = Probe()
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        log_every_n_steps=log_every_n_steps,
-        logger=trainer_kwargs.pop("logger", [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]),
-        callbacks=[monitor, probe, *trainer_kwargs.pop("callbacks", [])],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
-        accelerator="cpu",
-        devices=1,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, **trainer_kwargs.pop("fit_kwargs", {}))
-    return trainer, probe, model
-
-
-def _csv_rows(tmp_path) -> list[dict[str, float]]:
-    (path,) = glob.glob(os.path.join(tmp_path, "csv", "*", "metrics.csv"))
-    with open(path) as fh:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
-
-
-def _tensorboard_scalars(tmp_path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = glob.glob(os.path.join(tmp_path, "tb", "*"))
-    acc = EventAccumulator(run)
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_logged_values_equal_independent_recomputation_every_step(tmp_path):
@@ -161,7 +79,10 @@ def test_logged_values_equal_independent_recomputation_every_step(tmp_path):
             assert tb_step == i and tb_value == pytest.approx(ref[stat], rel=1e-6, abs=1e-7)
         assert row["altgrad/ulp_zero_frac"] == pytest.approx(ref["ulp_zero_frac"], abs=1e-7)
         assert row["altgrad/skipped_steps"] == 0
-        assert "altgrad/bfloat16/update_stall_frac" in row
+        # Every logged statistic of both formats, and the ULP histogram, against the full numpy recomputation.
+        assert_matches(row, reference([step], formats=("float8_e4m3fn", "bfloat16")), what=i)
+        for label, value in ulp_histogram_ref([step]).items():
+            assert row[f"altgrad/ulp_hist/{label}"] == pytest.approx(value, abs=1e-7), (i, label)
     # Adam moves every weight at lr 1e-2, but float8's grid swallows most of those moves: the story is visible.
     assert rows[-1]["altgrad/float8_e4m3fn/update_stall_frac"] > rows[-1]["altgrad/bfloat16/update_stall_frac"]
 

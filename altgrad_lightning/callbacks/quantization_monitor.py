@@ -35,9 +35,19 @@ class QuantizationMonitor(Callback):
     Gradients and weights are read in ``on_before_optimizer_step`` (after AMP unscaling, before gradient clipping);
     the updated weights right after the optimizer really stepped, through the optimizer's own
     ``register_step_post_hook``. A step the AMP ``GradScaler`` skips (inf/NaN gradients) produces no ULP or flip
-    sample and is counted in ``skipped_steps``. Sampled steps accumulate into the Metrics of
-    :mod:`altgrad_lightning.metrics`, which are logged at the Trainer's logging cadence (``log_every_n_steps``)
-    as the aggregate of the steps since the previous log, then reset.
+    sample and is counted in ``skipped_steps``. A fused optimizer (e.g. ``Adam(fused=True)``) unscales inside its
+    ``step()``, after ``on_before_optimizer_step``: its gradients are divided by the scaler's scale before use,
+    and a step the scaler skips (the fused kernel leaves the weights alone, but the post hook still fires) is
+    recognised from the scaler's ``found_inf`` and counted in ``skipped_steps`` as well. Sampled steps accumulate
+    into the Metrics of :mod:`altgrad_lightning.metrics`, which are logged at the Trainer's logging cadence
+    (``log_every_n_steps``) as the aggregate of the steps since the previous log, then reset.
+
+    Only real optimizer steps count: with gradient accumulation, batches that only accumulate add nothing. With
+    several optimizers (e.g. manual optimization), every ``optimizer.step()`` of each optimizer is sampled with
+    that optimizer's own parameters, and the keys below hold the aggregate over all optimizers' parameters; use
+    ``per_parameter`` (or a second monitor with ``include``/``exclude`` and its own ``prefix``) to tell them apart.
+    Parameters without ``requires_grad`` are never measured, and a parameter without a gradient at a step is
+    left out of that step (its per-parameter keys then log the 0.0 of an empty window).
 
     Args:
         formats: one or more target formats (names such as ``"float8_e4m3fn"``, ``"e5m2"``, ``"bf16"`` or
@@ -47,7 +57,11 @@ class QuantizationMonitor(Callback):
             every trainable parameter that has a gradient at the step.
         exclude: regular expressions; matching parameters are dropped (after ``include``).
         per_parameter: also log every statistic per parameter (keys end in ``/{parameter_name}``).
-        every_n_steps: sample one optimizer step in ``n`` (by ``trainer.global_step``); other steps cost nothing.
+        every_n_steps: sample the optimizer steps of one stepping batch in ``n`` (counted as Lightning counts
+            batches for ``log_every_n_steps``; with one optimizer in automatic optimization this is
+            ``trainer.global_step``); other steps cost nothing. With several optimizers stepping in one batch (manual
+            optimization), the sampled batches measure every optimizer, where ``global_step``, which counts each
+            optimizer's steps, would keep sampling the same one.
         scaling: ``"none"``, or ``"amax"`` for the grid an FP8 recipe with current per-tensor scaling would use:
             ``scale = amax(|w|) / fmt.max`` per parameter and format. Flips use the scale of the weights before
             the step on both sides, so a flip is movement of the weight, not of the scale.
@@ -122,6 +136,8 @@ class QuantizationMonitor(Callback):
         self._handles: list[RemovableHandle] = []
         self._hist_buckets = 0
         self._skipped_steps = 0
+        # Steps of fused optimizers skipped by the scaler: their post hook fires, the verdict stays on the device.
+        self._skipped_on_device: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
 
     @property
@@ -188,7 +204,7 @@ class QuantizationMonitor(Callback):
         key = id(optimizer)
         self._stepping.add(key)
         self._pending.pop(key, None)
-        if trainer.global_step % self.every_n_steps != 0 or key not in self._selected:
+        if _stepping_batches(trainer) % self.every_n_steps != 0 or key not in self._selected:
             return
         grad_scale = self._unapplied_grad_scale(trainer, optimizer)
         keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
@@ -214,16 +230,26 @@ class QuantizationMonitor(Callback):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         key = id(optimizer)
         self._stepping.discard(key)
+        pending = self._pending.pop(key, [])
+        # A fused optimizer under a GradScaler is stepped even when the scaler found inf/NaN gradients: the kernel
+        # then leaves the weights alone. GradScaler.step exposes its verdict as `optimizer.found_inf` during the
+        # step; keep it on the device (no host synchronisation) and mask the step's sums with it.
+        found_inf = getattr(optimizer, "found_inf", None)
+        taken = None
+        if isinstance(found_inf, torch.Tensor):
+            taken = found_inf == 0
+            skipped = (~taken).to(torch.float64)
+            self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         with torch.no_grad():
-            for name, p, before, scales in self._pending.pop(key, []):
+            for name, p, before, scales in pending:
                 w = p.detach()
                 if "ulp" in self.diagnostics:
                     for m in self._metric("ulp", None, name):
-                        m.accumulate(m.sums_of(before, w))
+                        m.accumulate(_masked(m.sums_of(before, w), taken))
                 if "flips" in self.diagnostics:
                     for fmt, scale in zip(self.formats, scales, strict=False):
                         for m in self._metric("flips", fmt, name):
-                            m.accumulate(m.sums_of(before, w, scale))
+                            m.accumulate(_masked(m.sums_of(before, w, scale), taken))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -232,7 +258,11 @@ class QuantizationMonitor(Callback):
         self._skipped_steps += len(self._stepping)
         self._stepping.clear()
         self._pending.clear()
-        if trainer._logger_connector.should_update_logs:  # the same test Lightning uses to flush the step's logs
+        # The same tests Lightning uses to flush the step's logs. Batches that only accumulate gradients pass
+        # `should_update_logs` too, but Lightning drops what they log: computing (and resetting) there would lose
+        # the window's earlier steps.
+        accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
+        if trainer._logger_connector.should_update_logs and not accumulating:
             pl_module.log_dict(self._compute_and_reset(), on_step=True, on_epoch=False, batch_size=1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -247,7 +277,7 @@ class QuantizationMonitor(Callback):
     # --- checkpointing -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "skipped_steps": self._skipped_steps,
+            "skipped_steps": self._skipped_steps + self._skipped_device_count(),
             "metrics": {key: {k: v.detach().cpu() for k, v in m.sums().items()} for key, m in self._metrics.items()},
         }
 
@@ -260,6 +290,7 @@ class QuantizationMonitor(Callback):
 
     def _apply_restored(self, state: dict[str, Any]) -> None:
         self._skipped_steps = int(state.get("skipped_steps", 0))
+        self._skipped_on_device = None
         for key, sums in state.get("metrics", {}).items():
             metric = self._metrics.get(key)
             if metric is not None:
@@ -301,9 +332,16 @@ class QuantizationMonitor(Callback):
                 parts = [self.prefix, fmt_name, stat, param]
                 out["/".join(p for p in parts if p)] = value
             metric.reset()
-        out[f"{self.prefix}/skipped_steps"] = torch.tensor(float(self._skipped_steps))
+        skipped = torch.tensor(float(self._skipped_steps), dtype=torch.float64)
+        if self._skipped_on_device is not None:
+            skipped = self._skipped_on_device + skipped.to(self._skipped_on_device.device)
+        out[f"{self.prefix}/skipped_steps"] = skipped
         self._skipped_steps = 0
+        self._skipped_on_device = None
         return out
+
+    def _skipped_device_count(self) -> int:
+        return 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())  # checkpoints only
 
     def _histogram_keys(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         total = counts.sum().clamp_min(1).to(torch.float64)
@@ -321,6 +359,19 @@ class QuantizationMonitor(Callback):
         self._handles = []
         self._pending.clear()
         self._stepping.clear()
+
+
+def _stepping_batches(trainer: pl.Trainer) -> int:
+    """Batches that stepped before the current one: Lightning's counter for the logging cadence (restored on resume)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _masked(sums: dict[str, torch.Tensor], taken: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The sums of a step, or zeros (the empty sums: neutral for sums and for the non-negative maxima) where the
+    step was not taken."""
+    if taken is None:
+        return sums
+    return {k: torch.where(taken.to(v.device), v, torch.zeros_like(v)) for k, v in sums.items()}
 
 
 def _compile(patterns: str | Sequence[str] | None, arg: str) -> list[re.Pattern[str]]:

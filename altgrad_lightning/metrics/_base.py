@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,11 @@ class SumsMetric(Metric):
     The states are discovered by calling ``_update`` once on empty tensors, so each state is exactly one sum of the
     functional core (``dist_reduce_fx="sum"``; ``*_max`` states by ``"max"``) and no formula is written twice.
     ``compute()`` after ``update()`` calls on several steps and ranks equals the functional on the concatenated data.
+
+    Metrics of a format also hold the format's fields as a constant, non-persistent state ``format_fields``
+    (reduced by ``"max"``, untouched by updates): a ``MetricCollection`` groups metrics whose states are equal
+    after the first update to share one state, and without it, say, ``GridFlips("e4m3")`` and ``GridFlips("bf16")``
+    fed a first batch on which both see no flip would be merged and report the same numbers from then on.
     """
 
     full_state_update = False
@@ -40,6 +46,10 @@ class SumsMetric(Metric):
             reduce = "max" if name.endswith("_max") else "sum"
             self.add_state(name, default=torch.zeros_like(value), dist_reduce_fx=reduce, persistent=True)
         self.state_names: list[str] = list(self._defaults)
+        if self.fmt is not None:
+            f = self.fmt
+            fields = [f.exponent_bits, f.mantissa_bits, f.bias, list(type(f.flavour)).index(f.flavour), int(f.signed)]
+            self.add_state("format_fields", default=torch.tensor(fields), dist_reduce_fx="max", persistent=False)
 
     def sums_of(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None) -> Sums:
         """The functional ``_update`` sums of one pair, unvalidated (the callback's hot path)."""
@@ -69,3 +79,17 @@ class SumsMetric(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         """The statistics of everything accumulated since the last ``reset()`` (over all ranks when distributed)."""
         return type(self).compute_fn(self.sums())
+
+    def plot(
+        self, val: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]] | None = None, ax: Any = None
+    ) -> Any:
+        """Plot the scalar statistics of ``compute()``, or of ``val`` (one result, or a sequence of results such as
+        one per step, drawn as curves), with torchmetrics' plotting (needs matplotlib). Vector results (the ULP
+        histogram) are left out. Returns ``(figure, axes)``.
+        """
+        val = self.compute() if val is None else val
+
+        def scalars(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in result.items() if v.ndim == 0}
+
+        return self._plot(scalars(val) if isinstance(val, dict) else [scalars(v) for v in val], ax)
