@@ -50,8 +50,14 @@ class FloatFormat:
         mantissa_bits: M, the stored (trailing) significand bits, 0 to 52.
         bias: exponent bias; the smallest normal is ``2**(1 - bias)``.
         flavour: one of ``"ieee"``, ``"fn"``, ``"fnuz"``, ``"finite"``, ``"e8m0"`` (or :class:`Flavour`).
-        signed: whether the format has a sign bit. Only ``e8m0`` is unsigned among the presets.
-        name: the name used in logged keys; derived from the fields when empty.
+        signed: whether the format has a sign bit. Only ``e8m0`` is unsigned among the presets. In every unsigned
+            format negative values have no code: :func:`~altgrad_lightning.quantize` maps them to NaN.
+        name: the name used in logged keys; derived from the fields when empty, so that
+            ``get_format(fmt.name) == fmt``: a preset's canonical name for a format equal to a preset, ``"eXmY"``
+            for a member of the seed's family that the alias table does not claim, else the explicit
+            ``[u]float{bits}_e{E}m{M}[b{bias}]_{flavour}`` (the bias only when it is not ``2**(E-1) - 1``, ``u``
+            for unsigned), e.g. ``"float8_e4m3_finite"`` for the seed's E4M3 (``"e4m3"`` is OCP float8_e4m3fn).
+            A name you pass is a label only and is not checked.
 
     Two formats with equal fields are equal whatever their names.
 
@@ -59,8 +65,10 @@ class FloatFormat:
         >>> fmt = FloatFormat(exponent_bits=4, mantissa_bits=3, bias=7, flavour="fn")
         >>> fmt.max, fmt.smallest_normal, fmt.smallest_subnormal, fmt.eps
         (448.0, 0.015625, 0.001953125, 0.125)
-        >>> fmt == get_format("float8_e4m3fn")
-        True
+        >>> fmt == get_format("float8_e4m3fn"), fmt.name
+        (True, 'float8_e4m3fn')
+        >>> FloatFormat(4, 3, 7, "finite").name  # the seed's E4M3 (max 480), not the OCP preset
+        'float8_e4m3_finite'
     """
 
     exponent_bits: int
@@ -106,26 +114,35 @@ class FloatFormat:
                 f"mantissa_bits={m}, signed={self.signed}"
             )
         if flavour is Flavour.FN and m == 0 and e == 1:
-            raise ValueError("Expected a format with at least one finite nonzero value, but E1M0 'fn' has none")
+            raise ValueError(
+                "Expected argument `exponent_bits` to be >= 2 for flavour 'fn' with mantissa_bits=0 (E1M0 'fn' has "
+                f"no finite nonzero value), but got {e}"
+            )
         top = self._top_exponent_code - self.bias  # emax, computed without forming max (it may overflow)
         if self.emin - m < -1074 or top > 1023:
             raise ValueError(
-                f"Expected a format whose grid fits in float64 (emin - M >= -1074, emax <= 1023), but got "
-                f"emin - M = {self.emin - m}, emax = {top}"
+                "Expected argument `bias` to put the grid inside float64 (emin - M >= -1074 and emax <= 1023), but "
+                f"got bias={self.bias}, which gives emin - M = {self.emin - m}, emax = {top}"
             )
         if not self.name:
             object.__setattr__(self, "name", self._derived_name())
 
     def _derived_name(self) -> str:
-        suffix = {Flavour.IEEE: "", Flavour.FN: "fn", Flavour.FNUZ: "fnuz", Flavour.FINITE: "", Flavour.E8M0: "fnu"}
-        base = f"e{self.exponent_bits}m{self.mantissa_bits}"
-        standard_bias = 2 ** (self.exponent_bits - 1) - 1 if self.exponent_bits else 1
-        if self.flavour is Flavour.FINITE:
-            base += "" if self.bias == standard_bias else f"b{self.bias}"
-            return base
-        if self.bias != standard_bias:
-            base += f"b{self.bias}"
-        return f"float{self.bits}_{base}{suffix[self.flavour]}" if self.bits <= 8 else f"{base}{suffix[self.flavour]}"
+        """The name of a format built without one: one that :func:`get_format` resolves back to this format.
+
+        A preset's canonical name when the fields equal a preset's, else the seed family's ``eXmY`` when that name
+        means this format, else the explicit ``[u]float{bits}_e{E}m{M}[b{bias}]_{flavour}`` (see :func:`get_format`).
+        """
+        for preset in PRESETS.values():
+            if preset == self:
+                return preset.name
+        e, m = self.exponent_bits, self.mantissa_bits
+        family = f"e{e}m{m}"
+        standard = self.bias == _standard_bias(e)
+        if self.flavour is Flavour.FINITE and self.signed and standard and e + m <= 7 and family not in ALIASES:
+            return family  # get_format(family) builds exactly these fields
+        bias = "" if standard else f"b{self.bias}"
+        return f"{'' if self.signed else 'u'}float{self.bits}_{family}{bias}_{self.flavour.value}"
 
     # --- encoding facts -------------------------------------------------------------------------------------
     @property
@@ -157,9 +174,11 @@ class FloatFormat:
     def saturate_default(self) -> bool:
         """What :func:`~altgrad_lightning.quantize` does on overflow when ``saturate=None``.
 
-        ``True`` for ``fn`` and ``finite`` formats (torch >= 2.12 saturates float8_e4m3fn; ml_dtypes and gfloat
-        saturate the finite FP6/FP4 formats), ``False`` otherwise (inf where the format has it, else NaN), which
-        is what torch's cast does for every other float8 dtype it has.
+        ``True`` exactly for the ``fn`` and ``finite`` flavours (clamp to ±max), ``False`` for ``ieee``, ``fnuz``
+        and ``e8m0`` (±inf where the format has it, else NaN). A property of the format alone, the same on every
+        torch version: torch >= 2.12 saturates float8_e4m3fn casts as we do, torch < 2.12 and ml_dtypes give NaN
+        there (our ``saturate=False``); ml_dtypes and gfloat saturate the finite FP6/FP4 formats; torch's casts to
+        its other float8 dtypes do not saturate.
         """
         return self.flavour in (Flavour.FN, Flavour.FINITE)
 
@@ -299,6 +318,7 @@ ALIASES: dict[str, str] = {
     "fp32": "float32",
     "fp64": "float64",
     "float4_e2m1fn_x2": "float4_e2m1fn",
+    "e8m0": "float8_e8m0fnu",
 }
 """Short names users type, mapped to canonical preset names."""
 
@@ -316,16 +336,48 @@ _TORCH_DTYPES: dict[str, str] = {
 }
 
 _FAMILY = re.compile(r"^e(\d+)m(\d+)$")
+_EXPLICIT = re.compile(r"^(u?)float(\d+)_e(\d+)m(\d+)(?:b(-?\d+))?_(ieee|fn|fnuz|finite|e8m0)$")
+
+
+def _standard_bias(exponent_bits: int) -> int:
+    """IEEE bias ``2**(E-1) - 1``; 1 for fixed point (E = 0), whose grid is then ``k / 2**M``."""
+    return 2 ** (exponent_bits - 1) - 1 if exponent_bits else 1
+
+
+def _canonical(fmt: FloatFormat) -> FloatFormat:
+    """The preset equal to ``fmt`` (with its canonical name) if there is one, else ``fmt``."""
+    for preset in PRESETS.values():
+        if preset == fmt:
+            return preset
+    return fmt
 
 
 def _family_format(exponent_bits: int, mantissa_bits: int) -> FloatFormat:
     """The seed's ``eXmY`` family: every code a finite number, IEEE bias ``2**(X-1) - 1`` (E0: the grid k/2**Y)."""
-    bias = 2 ** (exponent_bits - 1) - 1 if exponent_bits else 1
-    fmt = FloatFormat(exponent_bits, mantissa_bits, bias, Flavour.FINITE)
-    for preset in PRESETS.values():  # e2m1, e2m3, e3m2 are the OCP MX element formats: use their names
-        if preset == fmt:
-            return preset
-    return fmt
+    # e2m1, e2m3, e3m2 are the OCP MX element formats: _canonical returns those presets, with their names.
+    return _canonical(FloatFormat(exponent_bits, mantissa_bits, _standard_bias(exponent_bits), Flavour.FINITE))
+
+
+def _explicit_format(match: re.Match[str], spec: str, arg: str) -> FloatFormat:
+    """The format an explicit ``[u]float{bits}_e{E}m{M}[b{bias}]_{flavour}`` name spells (validated)."""
+    unsigned, bits, e, m, bias, flavour = match.groups()
+    e_bits, m_bits = int(e), int(m)
+    try:
+        fmt = FloatFormat(
+            e_bits,
+            m_bits,
+            _standard_bias(e_bits) if bias is None else int(bias),
+            Flavour(flavour),
+            signed=not unsigned,
+        )
+    except ValueError as err:
+        raise ValueError(f"Expected argument `{arg}` to name a valid format, but got {spec!r}: {err}") from None
+    if fmt.bits != int(bits):
+        raise ValueError(
+            f"Expected argument `{arg}` to state the format's width, but got {spec!r}: "
+            f"{'unsigned' if unsigned else 'signed'} E{e_bits}M{m_bits} has {fmt.bits} bits"
+        )
+    return _canonical(fmt)
 
 
 def get_format(spec: FormatLike, *, arg: str = "spec") -> FloatFormat:
@@ -336,7 +388,11 @@ def get_format(spec: FormatLike, *, arg: str = "spec") -> FloatFormat:
             see :data:`PRESETS`); an alias (``"e4m3"`` is OCP float8_e4m3fn, ``"e5m2"``, ``"bf16"``, ``"fp16"``,
             ``"e0m7"``); ``"eXmY"`` with X + Y <= 7 for the seed's family of formats of at most 8 bits, in which
             every code is a finite number and the bias is ``2**(X-1) - 1`` (so ``"e2m1"`` is float4_e2m1fn and
-            ``"e1m6"`` ... ``"e7m0"`` are the seed's 8-bit splits); or a ``torch.dtype`` of a floating format.
+            ``"e1m6"`` ... ``"e7m0"`` are the seed's 8-bit splits, the family's ``e4m3``/``e5m2`` being
+            ``"float8_e4m3_finite"``/``"float8_e5m2_finite"``); ``"e8m0"`` for float8_e8m0fnu; the explicit
+            ``"[u]float{bits}_e{E}m{M}[b{bias}]_{flavour}"`` that every format built without a name is called (bias
+            ``2**(E-1) - 1`` when omitted, ``u`` for unsigned); or a ``torch.dtype`` of a floating format. A name
+            that spells a preset's fields returns the preset.
 
     ``arg`` is the argument name used in error messages (functions taking a format pass ``"fmt"``).
 
@@ -351,6 +407,8 @@ def get_format(spec: FormatLike, *, arg: str = "spec") -> FloatFormat:
         7
         >>> get_format("e1m6").max, get_format("e0m7").smallest_subnormal
         (3.96875, 0.0078125)
+        >>> get_format("float8_e4m3_finite").max, get_format("float8_e4m3_fn").name
+        (480.0, 'float8_e4m3fn')
     """
     if isinstance(spec, FloatFormat):
         return spec
@@ -373,8 +431,12 @@ def get_format(spec: FormatLike, *, arg: str = "spec") -> FloatFormat:
         x, y = int(family.group(1)), int(family.group(2))
         if x + y <= 7:
             return _family_format(x, y)
+    explicit = _EXPLICIT.match(key)
+    if explicit:
+        return _explicit_format(explicit, spec, arg)
     known = ", ".join(sorted(PRESETS) + sorted(ALIASES))
     raise ValueError(
-        f"Expected argument `{arg}` to be a known format name, but got {spec!r}. Known names: {known}, and 'eXmY' "
-        "with X + Y <= 7 (e.g. 'e3m4'); build a FloatFormat(...) for anything else."
+        f"Expected argument `{arg}` to be a known format name, but got {spec!r}. Known names: {known}, 'eXmY' "
+        "with X + Y <= 7 (e.g. 'e3m4'), and '[u]float{bits}_e{E}m{M}[b{bias}]_{flavour}' (e.g. "
+        "'float8_e4m3_finite', 'float8_e4m3b5_fn'); or build a FloatFormat(...)."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import struct
 from enum import Enum
 
 import torch
@@ -54,17 +55,51 @@ def check_pair(a: object, b: object, names: tuple[str, str], *, same_dtype: bool
         )
 
 
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``to`` (pure Python on static shapes: no exception, nothing for torch.compile
+    to trace)."""
+    if len(shape) > len(to):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(to), strict=False))
+
+
+def _to_float32(value: float) -> float:
+    """``value`` rounded to float32 (inf past its range), in plain Python."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return float("inf")
+
+
 def check_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor | None:
-    """Validate ``scale`` (positive, finite, broadcastable to ``like``, same device) and return it as a tensor."""
+    """Validate ``scale`` and return it as a tensor on ``like``'s device (None stays None).
+
+    A Python number must be positive and finite (checked here) and is returned as a 0-d tensor of the input's
+    precision: float64 for float64 inputs, else float32 (rounded to nearest, like the input; it must not round to 0
+    or inf). A scale that is a float32 value keeps the scaled rounding of float32/float16/bfloat16 inputs exact
+    (see :func:`compute_dtype`); a float64 tensor scale is used as it is.
+
+    A tensor must be floating point, on ``like``'s device and broadcastable to ``like``: only these static facts
+    are checked everywhere. Its values are checked (zero, negative, NaN and ±inf entries raise ``ValueError``) only
+    for a CPU tensor outside ``torch.compile``: on an accelerator reading them would be a host synchronisation, and
+    under ``torch.compile`` a data-dependent branch breaks the graph. Where they are not checked, every invalid entry
+    is replaced by NaN, so each element it scales comes out NaN (quantize, stiffness, grid error, grid steps) and
+    the statistics count it as unrepresentable (grid alignment) or non-finite (flips), or return NaN (gradient
+    stiffness), never a plausible wrong number.
+    """
     if scale is None:
         return None
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         value = float(scale)
         if not (value > 0 and value < float("inf")):
             raise ValueError(f"Expected argument `scale` to be a positive finite number, but got {scale!r}")
-        return torch.tensor(
-            value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device
-        )
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        if dtype == torch.float32 and not 0 < _to_float32(value) < float("inf"):
+            raise ValueError(
+                f"Expected argument `scale` to be a positive finite number that float32 holds (the input is "
+                f"{like.dtype}), but got {scale!r}"
+            )
+        return torch.tensor(value, dtype=dtype, device=like.device)
     if not isinstance(scale, torch.Tensor):
         raise TypeError(
             f"Expected argument `scale` to be None, a positive float or a tensor, but got {type(scale).__name__}"
@@ -75,25 +110,32 @@ def check_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(
             f"Expected argument `scale` on the device of the input ({like.device}), but got {scale.device}"
         )
-    try:
-        torch.broadcast_shapes(scale.shape, like.shape)
-    except RuntimeError:
+    if not _broadcasts(tuple(scale.shape), tuple(like.shape)):
         raise ValueError(
             f"Expected argument `scale` to broadcast to the input's shape {tuple(like.shape)}, "
             f"but got shape {tuple(scale.shape)}"
-        ) from None
-    if scale.device.type == "cpu" and not bool(((scale > 0) & torch.isfinite(scale)).all()):
-        # Checked on CPU only: on an accelerator this would be a host synchronisation.
-        raise ValueError(
-            "Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite ones"
         )
-    return scale
+    if scale.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(
+                "Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite "
+                "ones"
+            )
+        return scale
+    return torch.where((scale > 0) & (scale < float("inf")), scale, float("nan"))
 
 
-def compute_dtype(x_dtype: torch.dtype, fmt: FloatFormat) -> torch.dtype:
-    """float32 when every value of ``fmt`` (and its spacing) is a float32 value and the input is not float64."""
+def compute_dtype(x_dtype: torch.dtype, fmt: FloatFormat, scaled: bool = False) -> torch.dtype:
+    """The working precision: float32 when the input is not float64, no scale is given and every value of ``fmt``
+    (and its spacing) is a float32 value; float64 otherwise.
+
+    With a scale, ``x / scale``, ``scale * q`` and ``scale * S`` leave float32's range although ``x`` and the
+    result are float32 values (``2**127 / 2**-4``); float64 holds all of them. It also makes the scaled rounding
+    exact: for float32 (or narrower) ``x`` and a float32 ``scale``, the float64 quotient is never a false tie of a
+    format with at most 23 mantissa bits, and ``scale * q`` is exact before the one rounding to the output dtype.
+    """
     fits32 = fmt.emin - fmt.mantissa_bits >= -149 and fmt.emax <= 127 and fmt.mantissa_bits <= 23
-    return torch.float32 if x_dtype != torch.float64 and fits32 else torch.float64
+    return torch.float32 if x_dtype != torch.float64 and fits32 and not scaled else torch.float64
 
 
 def _exponent(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -140,36 +182,47 @@ def quantize(
 ) -> torch.Tensor:
     """Round ``x`` onto the grid of ``fmt`` and return it in ``x``'s dtype.
 
-    With ``scale`` the result is ``scale * q(x / scale)`` (``scale`` a positive float or a tensor broadcastable
-    to ``x``).
+    With ``scale`` the result is ``scale * q(x / scale)`` (``scale`` a positive number or a tensor broadcastable
+    to ``x``; a Python number is used exactly as passed, in float64).
 
     Semantics (``../shared/SPEC.md`` §2):
 
     - ``rounding="nearest"``: round to nearest, ties to even, carrying from the largest subnormal into the smallest
       normal and from the largest mantissa into the next binade. ``e8m0`` has no mantissa: its ties round up, as
-      torch and ml_dtypes do.
+      torch and ml_dtypes do. For every input it rounds to the *nearer* power of two, including float32 denormal
+      inputs in (2**-127, 2**-126), which torch's and ml_dtypes' float8_e8m0fnu casts both round up to 2**-126 even
+      below the midpoint 1.5 * 2**-127 (a deliberate, documented difference from those libraries).
     - ``rounding="stochastic"``: round up with probability (x - lower) / (upper - lower), so E[q(x)] = x inside the
-      range; draws come from ``torch.rand(..., generator=generator)`` in the working precision (float32, or
-      float64 for float64 inputs), so the probability is exact to 2**-24 (2**-53) of the gap.
+      range; draws come from ``torch.rand(..., generator=generator)`` in the working precision (see below), so the
+      probability is exact to 2**-24 (float32) or 2**-53 (float64) of the gap.
     - ``rounding="toward_zero"``: truncate the magnitude.
     - Overflow (a rounded magnitude above ``fmt.max``, including ±inf inputs): ``saturate=True`` gives ±max,
-      ``saturate=False`` gives ±inf where the format has infinities, NaN otherwise. ``None`` uses
-      ``fmt.saturate_default``: saturating for ``fn`` and ``finite`` formats (torch's float8_e4m3fn cast; ml_dtypes'
-      FP6/FP4), not for the others (torch's float8_e5m2 and fnuz casts). ml_dtypes' float8_e4m3fn gives NaN above
-      464: that is ``saturate=False``. Toward zero never rounds a finite input past ``max``.
+      ``saturate=False`` gives ±inf where the format has infinities, NaN otherwise. ``saturate=None`` (the default)
+      uses ``fmt.saturate_default``: ``True`` exactly for the ``fn`` and ``finite`` flavours (float8_e4m3fn,
+      float6_e2m3fn, float6_e3m2fn, float4_e2m1fn, e0m7, the ``eXmY`` family), ``False`` for ``ieee``, ``fnuz`` and
+      ``e8m0``. This is our own arithmetic and never goes through torch's float8 casts, so it is the same on every
+      torch version: torch >= 2.12 saturates float8_e4m3fn casts like our default, while torch < 2.12 (and ml_dtypes
+      above 464) gives NaN there, which is our ``saturate=False``. Toward zero never rounds a finite input past
+      ``max``.
     - NaN in gives NaN out, also for formats without NaN (``finite``): a quantizer that turned NaN into a number
       would hide the fault. Signed zero is kept where the format has -0 (``fnuz`` returns +0).
-    - Unsigned formats (``e8m0``): zero, negative values and NaN give NaN, as ml_dtypes does (torch's
-      float8_e8m0fnu cast differs there); values below the smallest power 2**-127 round up to it.
+    - Unsigned formats (``signed=False``, e.g. ``e8m0``): every negative value gives NaN (there is no sign bit to
+      hold it; -0 is not negative and gives +0), and so does zero where the format has no zero code (``e8m0``), as
+      ml_dtypes does (torch's float8_e8m0fnu cast differs there); NaN gives NaN. ``e8m0`` values below the
+      smallest power 2**-127 round up to it.
 
-    The arithmetic is exact: it runs in float32 (float64 for float64 inputs or formats wider than float32), and
-    float16/bfloat16 inputs are widened first. The result is cast back to ``x``'s dtype, which is exact whenever
-    the format's grid is contained in that dtype.
+    The arithmetic is exact: it runs in float32, or in float64 for float64 inputs, formats wider than float32 and
+    whenever a scale is given (``x / scale`` and ``scale * q`` may leave float32's range; in float64 the scaled
+    rounding of float32/float16/bfloat16 inputs by a float32 scale is exactly the rounding of the true quotient).
+    float16/bfloat16 inputs are widened first. The result is rounded once to ``x``'s dtype, which is exact whenever
+    the (scaled) grid value is a value of that dtype.
 
     Args:
         x: float32, float64, float16 or bfloat16 tensor, on any device.
         fmt: a :class:`~altgrad_lightning.FloatFormat`, a format name or a ``torch.dtype``.
-        scale: optional positive scale.
+        scale: optional positive scale. A Python number is validated here, a tensor's values only on CPU outside
+            ``torch.compile`` (elsewhere that would synchronise or break the graph): there a zero, negative or
+            non-finite entry makes every element it scales NaN.
         rounding: ``"nearest"``, ``"stochastic"`` or ``"toward_zero"``.
         saturate: overflow behaviour, see above.
         generator: ``torch.Generator`` on ``x``'s device for ``rounding="stochastic"``.
@@ -201,16 +254,24 @@ def quantize(
             )
         if generator.device.type != x.device.type:
             raise ValueError(f"Expected argument `generator` on {x.device.type}, but got one on {generator.device}")
-    scale_t = check_scale(scale, x)
     sat = fmt.saturate_default if saturate is None else saturate
-    cd = compute_dtype(x.dtype, fmt)
-    xc = x.to(cd)
-    if scale_t is not None:
-        xc = xc / scale_t.to(cd)
-    q = _quantize_unscaled(xc, fmt, mode, sat, generator)
-    if scale_t is not None:
-        q = q * scale_t.to(cd)
-    return q.to(x.dtype)
+    return quantize_scaled(x, fmt, check_scale(scale, x), mode, sat, generator).to(x.dtype)
+
+
+def quantize_scaled(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    scale: torch.Tensor | None,
+    rounding: Rounding = Rounding.NEAREST,
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``scale * q(x / scale)`` for validated arguments, in the working precision (:func:`compute_dtype`)."""
+    xc = x.to(compute_dtype(x.dtype, fmt, scaled=scale is not None))
+    if scale is None:
+        return _quantize_unscaled(xc, fmt, rounding, saturate, generator)
+    s = scale.to(xc.dtype)
+    return _quantize_unscaled(xc / s, fmt, rounding, saturate, generator) * s
 
 
 def _quantize_unscaled(
@@ -273,7 +334,7 @@ def code_index(x: torch.Tensor, fmt: FormatLike, *, scale: ScaleLike = None) -> 
 
 def quantize_to_grid(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None) -> torch.Tensor:
     """Nearest, saturating rounding of ``x / scale`` onto the *unscaled* grid, in the working precision."""
-    xc = x.to(compute_dtype(x.dtype, fmt))
+    xc = x.to(compute_dtype(x.dtype, fmt, scaled=scale is not None))
     if scale is not None:
         xc = xc / scale.to(xc.dtype)
     return _quantize_unscaled(xc, fmt, Rounding.NEAREST, True, None)

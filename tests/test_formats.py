@@ -22,6 +22,8 @@ from gfloat.formats import (
     format_info_ocp_e5m2,
     format_info_ocp_e8m0,
 )
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from reference import (
     ML_DTYPES,
     code_values,
@@ -247,6 +249,8 @@ def test_user_format_eps_epsneg_are_steps_around_one(fmt: FloatFormat) -> None:
         ("bf16", "bfloat16"),
         ("fp16", "float16"),
         ("e0m7", "e0m7"),
+        ("e8m0", "float8_e8m0fnu"),
+        ("E8M0", "float8_e8m0fnu"),
     ],
 )
 def test_get_format_aliases(alias: str, name: str) -> None:
@@ -336,7 +340,7 @@ def test_get_format_family_names_of_ocp_mx_formats(name: str, preset: str) -> No
     assert fmt.name == preset
 
 
-@pytest.mark.parametrize("name", ["e4m4", "e8m0", "e9m1", "float7", "bfloat", "", "e4m3fnx"])
+@pytest.mark.parametrize("name", ["e4m4", "e8m1", "e9m1", "float7", "bfloat", "", "e4m3fnx", "float8_e4m3_nope"])
 def test_get_format_unknown_name_lists_known_names(name: str) -> None:
     """An unknown name raises ValueError naming `spec` and listing the known names."""
     with pytest.raises(ValueError, match="`spec`") as info:
@@ -387,10 +391,22 @@ def test_get_format_returns_format_unchanged() -> None:
         (dict(exponent_bits=1, mantissa_bits=3, bias=0, flavour="ieee"), ValueError, "`exponent_bits`"),
         (dict(exponent_bits=8, mantissa_bits=1, bias=127, flavour="e8m0", signed=False), ValueError, "`mantissa_bits"),
         (dict(exponent_bits=8, mantissa_bits=0, bias=127, flavour="e8m0", signed=True), ValueError, "`signed"),
-        (dict(exponent_bits=1, mantissa_bits=0, bias=0, flavour="fn"), ValueError, "E1M0"),
-        (dict(exponent_bits=11, mantissa_bits=52, bias=2000), ValueError, "float64"),
-        (dict(exponent_bits=11, mantissa_bits=3, bias=-1000), ValueError, "float64"),  # max would overflow ldexp
-        (dict(exponent_bits=3, mantissa_bits=40, bias=1040), ValueError, "float64"),
+        (
+            dict(exponent_bits=1, mantissa_bits=0, bias=0, flavour="fn"),
+            ValueError,
+            "^Expected argument `exponent_bits`.*E1M0.*but got 1$",
+        ),
+        (
+            dict(exponent_bits=11, mantissa_bits=52, bias=2000),
+            ValueError,
+            "^Expected argument `bias`.*float64.*but got bias=2000",
+        ),
+        (
+            dict(exponent_bits=11, mantissa_bits=3, bias=-1000),
+            ValueError,
+            "^Expected argument `bias`.*float64",
+        ),  # max would overflow ldexp
+        (dict(exponent_bits=3, mantissa_bits=40, bias=1040), ValueError, "^Expected argument `bias`.*float64"),
     ],
 )
 def test_floatformat_validation(kwargs: dict, error: type, match: str) -> None:
@@ -439,15 +455,112 @@ def test_derived_names_are_distinct_for_distinct_presets() -> None:
     assert len(set(formats)) == len(formats)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="implementation defect: the derived names of FloatFormat(4,3,7,'finite') and FloatFormat(5,2,15,'finite') "
-    "are 'e4m3' / 'e5m2', which get_format resolves to the OCP presets float8_e4m3fn / float8_e5m2",
-)
-@pytest.mark.parametrize("fmt", [_family("e4m3"), _family("e5m2")], ids=str)
+#: Formats whose old derived names were the names of *other* formats: the seed's E4M3/E5M2 ('e4m3'/'e5m2' are the
+#: OCP aliases) and the 'fn' twins of the OCP FP6/FP4 presets (ml_dtypes spells those finite formats '...fn').
+COLLIDING_FORMATS = [
+    FloatFormat(4, 3, 7, "finite"),
+    FloatFormat(5, 2, 15, "finite"),
+    FloatFormat(2, 3, 1, "fn"),
+    FloatFormat(3, 2, 3, "fn"),
+    FloatFormat(2, 1, 1, "fn"),
+]
+
+
+@pytest.mark.parametrize("fmt", COLLIDING_FORMATS, ids=str)
 def test_derived_name_round_trips_through_get_format(fmt: FloatFormat) -> None:
-    """A format's (logged) name must not name a different format: get_format(fmt.name) == fmt."""
+    """A format's (logged) name must not name a different format: get_format(fmt.name) == fmt, and the name is
+    neither a preset's nor an alias'."""
     assert get_format(fmt.name) == fmt
+    assert fmt.name not in PRESETS and fmt.name not in ALIASES
+
+
+def test_derived_names_of_the_seed_e4m3_e5m2() -> None:
+    """The seed's E4M3 (max 480) and E5M2 get explicit names; the names users type keep meaning the OCP presets."""
+    seed_e4m3, seed_e5m2 = FloatFormat(4, 3, 7, "finite"), FloatFormat(5, 2, 15, "finite")
+    assert (seed_e4m3.name, seed_e5m2.name) == ("float8_e4m3_finite", "float8_e5m2_finite")
+    assert get_format("float8_e4m3_finite").max == 480.0  # the seed's grid (gfloat: see test_seed_family_spec_facts)
+    assert get_format("e4m3") is PRESETS["float8_e4m3fn"] and get_format("e5m2") is PRESETS["float8_e5m2"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ((4, 3, 7, "fn"), "float8_e4m3fn"),  # equal to a preset: the preset's canonical name
+        ((8, 7, 127, "ieee"), "bfloat16"),
+        ((2, 1, 1, "finite"), "float4_e2m1fn"),
+        ((1, 6, 0, "finite"), "e1m6"),  # the seed family keeps its eXmY names
+        ((0, 7, 1, "finite"), "e0m7"),
+        ((4, 3, 5, "fn"), "float8_e4m3b5_fn"),
+        ((3, 2, -4, "fnuz"), "float6_e3m2b-4_fnuz"),
+        ((5, 10, 15, "finite"), "float16_e5m10_finite"),
+    ],
+)
+def test_derived_name_examples(fields: tuple, name: str) -> None:
+    """Derived names follow the documented grammar: preset name, eXmY, or [u]float{bits}_e{E}m{M}[b{bias}]_{flavour}."""
+    assert FloatFormat(*fields).name == name
+
+
+def test_derived_name_of_unsigned_formats() -> None:
+    """Unsigned formats carry a 'u': they differ from their signed twins."""
+    fmt = FloatFormat(4, 4, 7, "finite", signed=False)
+    assert fmt.name == "ufloat8_e4m4_finite" and get_format(fmt.name) == fmt
+    assert FloatFormat(6, 0, 20, "e8m0", signed=False).name == "ufloat6_e6m0b20_e8m0"
+
+
+def _valid_format(e: int, m: int, bias: int, flavour: str, signed: bool) -> FloatFormat | None:
+    try:
+        return FloatFormat(e, m, bias, flavour, signed=signed)
+    except ValueError:
+        return None
+
+
+@st.composite
+def _any_format(draw: st.DrawFn) -> FloatFormat:
+    """Every field combination FloatFormat accepts: E 0..11, M 0..52, standard or arbitrary biases, every flavour."""
+    e = draw(st.integers(0, 11))
+    m = draw(st.integers(0, 52))
+    standard = 2 ** (e - 1) - 1 if e else 1
+    bias = draw(st.one_of(st.integers(standard - 2, standard + 2), st.integers(-1100, 1100)))
+    flavour = draw(st.sampled_from([f.value for f in Flavour]))
+    signed = draw(st.booleans()) if flavour != "e8m0" else False
+    fmt = _valid_format(e, m, bias, flavour, signed)
+    assume(fmt is not None)
+    assert fmt is not None
+    return fmt
+
+
+@settings(max_examples=1500, deadline=None)
+@given(fmt=_any_format())
+def test_property_every_derived_name_round_trips(fmt: FloatFormat) -> None:
+    """For every format a user can build, get_format(fmt.name) == fmt (case-insensitively, as get_format reads
+    names); a format equal to a preset is named as that preset."""
+    assert get_format(fmt.name) == fmt
+    assert get_format(fmt.name.upper()) == fmt
+    presets = [name for name, preset in PRESETS.items() if preset == fmt]
+    if presets:
+        assert fmt.name == presets[0]
+    elif fmt.name in ALIASES or fmt.name in PRESETS:
+        raise AssertionError(f"{fmt!r} is named like another format")
+
+
+def test_every_preset_field_set_round_trips() -> None:
+    """Rebuilding each preset from its fields (no name) gives its canonical name back."""
+    for name, preset in PRESETS.items():
+        rebuilt = FloatFormat(
+            preset.exponent_bits, preset.mantissa_bits, preset.bias, preset.flavour, signed=preset.signed
+        )
+        assert rebuilt.name == name
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["float9_e4m3_finite", "float8_e4m3_fn_x", "float2_e1m0_fn", "float8_e4m3b2000_ieee", "float7_e8m0_e8m0"],
+)
+def test_explicit_names_that_spell_no_valid_format(spec: str) -> None:
+    """An explicit name whose width disagrees with E/M/sign, or whose fields FloatFormat refuses, is a ValueError
+    naming `spec` (and quoting the name)."""
+    with pytest.raises(ValueError, match="`spec`"):
+        get_format(spec)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from functional_reference import (
     frac,
     from_numpy,
     grid_position,
+    nearest_code,
     round_ref,
     spanning_values,
     to_numpy,
@@ -35,11 +36,13 @@ SCALE_NP2 = float(np.float32(0.1))
 
 
 def ref_quantize(w: np.ndarray, name: str, dtype: torch.dtype, scale: float | None) -> np.ndarray:
-    """Saturating nearest-even rounding of w / scale onto the unscaled grid (quotient in the working precision)."""
+    """Saturating nearest-even rounding of w / scale onto the unscaled grid: unscaled in the working precision
+    (float32, float64 for float64 weights); with a scale the quotient is float64 (the documented arithmetic) and
+    rounded by the exact nearest-code search."""
+    if scale is not None:
+        return nearest_code(w / scale, name)
     wp = np.float64 if dtype == torch.float64 else np.float32
-    with np.errstate(over="ignore", invalid="ignore"):
-        quotient = (w.astype(wp) / wp(1.0 if scale is None else scale)).astype(np.float64)
-    return round_ref(quotient, name, exact_float32=wp is np.float32)
+    return round_ref(w.astype(wp).astype(np.float64), name, exact_float32=wp is np.float32)
 
 
 def ref_steps(before: np.ndarray, after: np.ndarray, name: str, dtype: torch.dtype, scale=None):

@@ -25,9 +25,9 @@ from functional_reference import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from altgrad_lightning.functional import compute_ulp_distance, ulp_statistics
+from altgrad_lightning.functional import compute_ulp_distance, ulp_histogram_edges, ulp_statistics
 from altgrad_lightning.functional._reduce import merge
-from altgrad_lightning.functional.ulp import _ulp_compute, _ulp_update
+from altgrad_lightning.functional.ulp import ULP_HISTOGRAM_BINS, _ulp_compute, _ulp_update
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT64_MAX = 2**63 - 1
@@ -259,6 +259,28 @@ def test_ulp_statistics_huge_distances(dtype: torch.dtype, same_sign: bool) -> N
 def float64_pow2_distances() -> list:
     """2**k - 1, 2**k, 2**k + 1 around and beyond float64's 2**53, where a float64 detour would round up a bucket."""
     return [d for k in (30, 52, 53, 54, 60, 62) for d in (2**k - 1, 2**k, 2**k + 1)]
+
+
+def test_ulp_histogram_bins_hold_the_documented_integers() -> None:
+    """ULP_HISTOGRAM_BINS' docstring: 65 buckets; bucket 0 holds 0, bucket k holds 2**(k-1) ... 2**k - 1 (both ends
+    checked through k = 62 against int.bit_length), the saturated float64 distance 2**63 - 1 is in bucket 63,
+    bucket 64 stays empty; ulp_histogram_edges() gives each bucket's smallest integer."""
+    edges = ulp_histogram_edges()
+    assert ULP_HISTOGRAM_BINS == len(edges) == 65
+    assert edges == [0] + [2 ** (k - 1) for k in range(1, 65)]
+    # Both ends of buckets 1 to 62; bucket 63 from 2**62 to the largest distance from 0 (the bits of float64's max).
+    distances = [0] + [d for k in range(1, 63) for d in (2 ** (k - 1), 2**k - 1)] + [2**62, 0x7FEFFFFFFFFFFFFF]
+    b = torch.zeros(len(distances), dtype=torch.float64)
+    a = torch.tensor([value_of_bits(d, torch.float64) for d in distances], dtype=torch.float64)
+    assert compute_ulp_distance(b, a).tolist() == distances
+    hist = ulp_statistics(b, a)["ulp_histogram"].tolist()
+    expected = [0] * 65
+    for d in distances:
+        expected[d.bit_length()] += 1
+    assert hist == expected and hist[0] == 1 and all(hist[k] == 2 for k in range(1, 64)) and hist[64] == 0
+    far = torch.tensor([-1e308, 1e308], dtype=torch.float64)  # 2 * bits(1e308) > 2**63: saturates at 2**63 - 1
+    assert compute_ulp_distance(far[:1], far[1:]).item() == 2**63 - 1
+    assert ulp_statistics(far[:1], far[1:])["ulp_histogram"].nonzero().flatten().tolist() == [63]
 
 
 @pytest.mark.parametrize("distance", float64_pow2_distances())

@@ -13,7 +13,9 @@ __all__ = ["compute_stiffness_field", "gradient_stiffness_correlation"]
 
 
 def _stiffness(w: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None) -> torch.Tensor:
-    a = w.to(compute_dtype(w.dtype, fmt)).abs()
+    """S in the working precision: float64 whenever a scale is given (``w / scale`` and ``scale * S`` can leave
+    float32's range), so the statistics never see a spacing rounded to 0 or inf."""
+    a = w.to(compute_dtype(w.dtype, fmt, scaled=scale is not None)).abs()
     if scale is not None:
         a = a / scale.to(a.dtype)
     e = floor_log2(a).clamp(fmt.emin, max(fmt.emin, fmt.emax))  # fixed point: emax < emin, one binade
@@ -35,7 +37,10 @@ def compute_stiffness_field(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleLik
     ``S = scale * S_F(w / scale)``. Zero weights have no defined stiffness and give NaN, as do NaN and ±inf weights;
     the statistics count them apart. Weights beyond ``max`` get the spacing of the top binade.
 
-    Returns float32 (float64 for float64 weights or formats wider than float32): exact powers of two.
+    Returns float32 (float64 for float64 weights or formats wider than float32): exact powers of two. With a scale
+    the arithmetic is float64 (``w / scale`` may exceed float32's range, e.g. ``2**127 / 2**-4``) and the result is
+    rounded once to that dtype: exact for a float32 scale unless ``scale * S_F`` itself leaves float32's range
+    (then 0 or inf; :func:`gradient_stiffness_correlation` uses the float64 value).
 
     Example:
         >>> compute_stiffness_field(torch.tensor([1.0, 3.0, 2.0**-8, 0.0]), "float8_e4m3fn")
@@ -44,10 +49,12 @@ def compute_stiffness_field(w: torch.Tensor, fmt: FormatLike, *, scale: ScaleLik
         tensor([0.0078, 0.0039])
         >>> compute_stiffness_field(torch.tensor([0.5, 0.01]), "e0m7")
         tensor([0.0078, 0.0078])
+        >>> compute_stiffness_field(torch.tensor([2.0**127]), "float8_e8m0fnu", scale=2.0**-4) == 2.0**123
+        tensor([True])
     """
     check_float_tensor(w, "w")
     fmt = get_format(fmt, arg="fmt")
-    return _stiffness(w, fmt, check_scale(scale, w))
+    return _stiffness(w, fmt, check_scale(scale, w)).to(compute_dtype(w.dtype, fmt))
 
 
 def _gradient_stiffness_update(

@@ -15,7 +15,11 @@ _SUB = 16
 _OCTAVES = 64
 _FINE_BINS = 1 + _OCTAVES * _SUB
 ULP_HISTOGRAM_BINS = 1 + _OCTAVES
-"""Buckets of the logged histogram: 0, 1, 2-3, 4-7, ..., [2**62, 2**63)."""
+"""Buckets of the logged histogram (65). Bucket 0 holds the distance 0; bucket k, for 1 <= k <= 64, holds the
+integers d with 2**(k-1) <= d <= 2**k - 1: bucket 1 holds 1, bucket 2 holds 2 and 3, bucket 3 holds 4 to 7, ...,
+bucket 63 holds 2**62 to 2**63 - 1 (the saturated float64 distance included). Bucket 64 (2**63 to 2**64 - 1) is
+always empty, since int64 distances stop at 2**63 - 1; it is kept so the edges are 0 and every power of two below
+2**64."""
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
@@ -77,7 +81,8 @@ def _fine_lower_edges(device: torch.device) -> torch.Tensor:
 
 
 def ulp_histogram_edges() -> list[int]:
-    """Lower edges of the logged histogram's buckets: ``[0, 1, 2, 4, 8, ..., 2**62]``."""
+    """Smallest integer of each logged bucket: ``[0, 1, 2, 4, 8, ..., 2**63]`` (65 edges, see
+    :data:`ULP_HISTOGRAM_BINS`); bucket k holds the integers from edge k up to edge k+1 minus one."""
     return [0] + [2**k for k in range(_OCTAVES)]
 
 
