@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
+from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 
@@ -67,6 +68,11 @@ class QuantizationMonitor(Callback):
             the step on both sides, so a flip is movement of the weight, not of the scale.
         prefix: first component of every key.
         log_histogram: log the ULP-movement histogram as fractions per log2 bucket.
+        fused: on CUDA with Triton, compute every diagnostic of every format in two fused kernels per format over
+            all parameters of an optimizer (about 20 bytes of memory traffic per float32 parameter and step)
+            instead of dozens of kernels per parameter. Same numbers (tested equal); applies to contiguous float32
+            weights and gradients without ``per_parameter`` or ``scaling``, and to every preset format but
+            ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path, per optimizer and step.
 
     Logged metrics (``{fmt}`` is the canonical format name, e.g. ``float8_e4m3fn``):
 
@@ -98,6 +104,7 @@ class QuantizationMonitor(Callback):
         scaling: str = "none",
         prefix: str = "altgrad",
         log_histogram: bool = True,
+        fused: bool = True,
     ) -> None:
         fmt_list = [formats] if isinstance(formats, (str, FloatFormat, torch.dtype)) else list(formats)
         if not fmt_list:
@@ -128,10 +135,15 @@ class QuantizationMonitor(Callback):
         self.scaling = scaling
         self.prefix = prefix
         self.log_histogram = bool(log_histogram)
+        if not isinstance(fused, bool):
+            raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
+        self.fused = fused
+        self._fused_passes: dict[int, FusedPass] = {}  # id(optimizer) -> its fast path, where it applies
 
         self._metrics: dict[str, SumsMetric] = {}
         self._selected: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}  # id(optimizer) -> parameters
-        self._pending: dict[int, list[tuple[str, torch.nn.Parameter, torch.Tensor, list[torch.Tensor | None]]]] = {}
+        # id(optimizer) -> what its step post hook needs: [(name, parameter, snapshot, scales)], or its FusedPass
+        self._pending: dict[int, Any] = {}
         self._stepping: set[int] = set()  # optimizers between on_before_optimizer_step and their post hook
         self._handles: list[RemovableHandle] = []
         self._hist_buckets = 0
@@ -186,6 +198,12 @@ class QuantizationMonitor(Callback):
                     selected_names.append(name)
             self._selected[id(optimizer)] = chosen
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._fused_passes = {}
+        if self.fused and not self.per_parameter:
+            for key, chosen in self._selected.items():
+                params = [p for _, p in chosen]
+                if fused_supported(params, self.formats, scaled=self.scaling != "none"):
+                    self._fused_passes[key] = FusedPass(params, self.formats, self.diagnostics)
         if not selected_names:
             rank_zero_warn(
                 f"QuantizationMonitor: no trainable parameter matches include={self.include} "
@@ -207,8 +225,10 @@ class QuantizationMonitor(Callback):
         if _stepping_batches(trainer) % self.every_n_steps != 0 or key not in self._selected:
             return
         grad_scale = self._unapplied_grad_scale(trainer, optimizer)
+        if self._fused_before(key, grad_scale):
+            return
         keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
-        pending = []
+        pending: list[Any] = []
         with torch.no_grad():
             for name, p in self._selected[key]:
                 if p.grad is None:
@@ -240,6 +260,10 @@ class QuantizationMonitor(Callback):
             taken = found_inf == 0
             skipped = (~taken).to(torch.float64)
             self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
+        if isinstance(pending, FusedPass):
+            with torch.no_grad():
+                self._accumulate_fused(pending.after(), taken)
+            return
         with torch.no_grad():
             for name, p, before, scales in pending:
                 w = p.detach()
@@ -250,6 +274,29 @@ class QuantizationMonitor(Callback):
                     for fmt, scale in zip(self.formats, scales, strict=False):
                         for m in self._metric("flips", fmt, name):
                             m.accumulate(_masked(m.sums_of(before, w, scale), taken))
+
+    def _fused_before(self, key: int, grad_scale: torch.Tensor | None) -> bool:
+        """Run the fast path's ``before`` half for this optimizer, if it applies to this step's gradients."""
+        fused = self._fused_passes.get(key)
+        if fused is None:
+            return False
+        if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
+            fused = self._fused_passes[key] = FusedPass(fused.params, self.formats, self.diagnostics)
+        grads = [p.grad for p in fused.params]
+        if not FusedPass.grads_supported(fused.params, grads):  # e.g. a parameter without gradient at this step
+            return False
+        with torch.no_grad():
+            self._accumulate_fused(fused.before([g for g in grads if g is not None], grad_scale), None)
+        self._pending[key] = fused  # its after half reads the snapshot it holds
+        return True
+
+    def _accumulate_fused(
+        self, sums: dict[str, dict[str, dict[str, torch.Tensor]]], taken: torch.Tensor | None
+    ) -> None:
+        for family, by_format in sums.items():
+            for fmt_name, family_sums in by_format.items():
+                metric = self._metrics["|".join([family, fmt_name, ""])]  # the aggregate metric (see _key)
+                metric.accumulate(_masked(family_sums, taken) if family in ("ulp", "flips") else family_sums)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -263,7 +310,7 @@ class QuantizationMonitor(Callback):
         # the window's earlier steps.
         accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
         if trainer._logger_connector.should_update_logs and not accumulating:
-            pl_module.log_dict(self._compute_and_reset(), on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log_dict(_to_host(self._compute_and_reset()), on_step=True, on_epoch=False, batch_size=1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -364,6 +411,19 @@ class QuantizationMonitor(Callback):
 def _stepping_batches(trainer: pl.Trainer) -> int:
     """Batches that stepped before the current one: Lightning's counter for the logging cadence (restored on resume)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The logged values as CPU tensors, in one device-to-host transfer.
+
+    Loggers need host numbers; handing Lightning device tensors would make it synchronise once per key (about 60
+    ``.item()`` calls per logging step). Stacking them first makes it one transfer; float64 keeps every value.
+    """
+    if not values:
+        return values
+    device = next(iter(values.values())).device
+    host = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values.values()]).cpu()
+    return dict(zip(values, host.unbind(), strict=True))
 
 
 def _masked(sums: dict[str, torch.Tensor], taken: torch.Tensor | None) -> dict[str, torch.Tensor]:

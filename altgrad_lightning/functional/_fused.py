@@ -1,0 +1,477 @@
+"""The fast path: every diagnostic of every format in two Triton kernels over a whole list of parameters.
+
+The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
+elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
+on must cost next to nothing, so on CUDA the callback uses two kernels per format instead:
+
+- ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
+  ULP and flip diagnostics need (first format only), and reduces the stiffness and grid-alignment sums;
+- ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums and
+  the fine ULP histogram (first format only) and the flip sums.
+
+Each kernel walks all parameters at once through a table of data pointers (no launch per parameter, no
+concatenation copy), so one step touches about 20 bytes per float32 parameter for one format, the floor of
+``benchmarks/NOTES.md``. Every program reduces its chunk to one row of partial sums; one ``sum`` over the rows
+gives the same sums as the reference ``_update`` functions (counts exactly, float64 sums up to summation order),
+which ``tests/test_fused.py`` checks on adversarial inputs.
+
+What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
+weights on one CUDA device, such float32 gradients, no per-tensor scaling, and signed formats with a
+zero, at least one mantissa bit and ``emin >= -126`` whose values are float32 values — every preset but the
+unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from altgrad_lightning.formats import FloatFormat
+from altgrad_lightning.functional._reduce import Sums
+from altgrad_lightning.quantize import compute_dtype
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs take the reference path.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
+
+__all__ = ["FusedPass", "fused_format_supported", "fused_supported"]
+
+CHUNK = 8192
+"""Elements per Triton program: a program's chunk never crosses a parameter, so per-parameter sums are possible."""
+_BLOCK = 1024
+_NUM_WARPS = 4
+_HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
+_WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
+_HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
+
+# Columns of the partial-sum rows, in kernel order.
+_STIFF_COLS = ("n_valid", "n_zero_weight", "n_below", "sum_ratio", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
+_GRID_COLS = ("n_valid", "n_on_grid", "n_overflow", "n_underflow", "sum_err", "sum_err_sq", "err_max")
+_ULP_COLS = ("n_valid", "n_zero", "sum_ulp", "ulp_max")
+_FLIP_COLS = ("n_valid", "n_updated", "n_flip", "n_stall", "sum_steps")
+
+
+def fused_format_supported(fmt: FloatFormat) -> bool:
+    """Whether the fast path's arithmetic covers ``fmt`` (see the module docstring)."""
+    return (
+        fmt.signed
+        and fmt.has_zero
+        and fmt.exponent_bits >= 1
+        and fmt.mantissa_bits >= 1
+        and fmt.emin >= -126
+        and compute_dtype(torch.float32, fmt) == torch.float32
+    )
+
+
+def fused_supported(params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], scaled: bool) -> bool:
+    """Whether :class:`FusedPass` can serve these parameters (gradients are checked per step)."""
+    if not HAS_TRITON or scaled or not params or not all(fused_format_supported(f) for f in formats):
+        return False
+    device = params[0].device
+    return device.type == "cuda" and all(
+        p.device == device and p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() % 16 == 0 for p in params
+    )
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _floor_log2_f32(a):
+        # Exponent field of float32 minus the bias; float32 subnormals give -127, below every supported emin.
+        return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+    @triton.jit
+    def _pow2_f64(e):
+        return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+    @triton.jit
+    def _pow2_f32(e):
+        # Normal float32 powers of two only (-126 <= e <= 127).
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _times_pow2(a, P2M: tl.constexpr, e):
+        """``a * 2**(M - e)`` exactly, for ``-126 <= e <= 127``, ``M >= 1`` and results below 2**(M + 1): two normal
+        factors in an order that cannot overflow (``2**(M - e)`` alone is no float32 value for ``e < M - 127``)."""
+        big = e > 0
+        return (a * tl.where(big, _pow2_f32(1 - e), P2M)) * tl.where(big, P2M * 0.5, _pow2_f32(-e))
+
+    @triton.jit
+    def _round_to_grid(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr):
+        """Nearest-even, saturating rounding of non-negative float32 ``a`` onto the format's grid (float32).
+
+        Every step is exact in float32: scalings by powers of two that neither overflow nor lose bits
+        (``n * 2**-M`` lies in [0, 2) with M fraction bits, and the final ``* 2**e`` gives a value of the format, or
+        inf exactly when the rounding lies past float32's max, which saturates as in the reference).
+        """
+        e = tl.maximum(_floor_log2_f32(a), EMIN)
+        r = _times_pow2(a, P2M, e)  # below 2**(M + 1); an integer already when M = 23
+        if M < 23:
+            n = (r + 8388608.0) - 8388608.0  # adding 2**23 rounds to the nearest integer, ties to even
+        else:
+            n = r
+        q = (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
+        return tl.where(q > FMAX, FMAX, q)
+
+    @triton.jit
+    def _grid_index(q, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr):
+        """Order-preserving index of non-negative grid values ``q`` (int32; exact for formats below 31 bits)."""
+        e = tl.maximum(_floor_log2_f32(q), EMIN)
+        return ((e - EMIN) << M) + _times_pow2(q, P2M, e).to(tl.int32)
+
+    @triton.jit
+    def _ulp_bucket(b, w, valid):
+        """float32 ULP distance (int64, 0 where not valid) and its fine histogram bucket (int32, 0 for 0)."""
+        bb = b.to(tl.int32, bitcast=True)
+        bw = w.to(tl.int32, bitcast=True)
+        kb = tl.where(bb < 0, -(bb & 0x7FFFFFFF), bb).to(tl.int64)
+        kw = tl.where(bw < 0, -(bw & 0x7FFFFFFF), bw).to(tl.int64)
+        d = tl.where(valid, tl.abs(kw - kb), 0)
+        d1 = tl.maximum(d, 1)
+        k = ((d1.to(tl.float64).to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023  # exact: d < 2**33
+        rest = d1 - (tl.full(d1.shape, 1, tl.int64) << k)
+        sub = tl.where(k >= 4, rest >> tl.maximum(k - 4, 0), rest << tl.maximum(4 - k, 0))
+        return d, tl.where(d != 0, 1 + 16 * k + tl.minimum(sub, 15), 0).to(tl.int32)
+
+    @triton.jit
+    def _before_kernel(
+        w_tab, g_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, gscale_ptr,
+        N_COLS: tl.constexpr, WRITE_SNAP: tl.constexpr, HAS_GSCALE: tl.constexpr,
+        DO_STIFF: tl.constexpr, DO_GRID: tl.constexpr,
+        EMIN: tl.constexpr, ECLAMP: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr,
+        GRID_C0: tl.constexpr,
+        CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        t = tl.load(chunk_t + pid)
+        # Alignment hints (checked on the host: 16-byte aligned tensors, 64-element snapshot offsets) let Triton
+        # issue 16-byte vector loads and stores.
+        start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK_)
+        n = tl.load(numel + t)
+        w_ptr = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(tl.float32)), 16)
+        g_ptr = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(tl.float32)), 16)
+        soff = tl.multiple_of(tl.load(snap_off + t), 64)
+        if HAS_GSCALE:
+            gscale = tl.load(gscale_ptr)
+        # Per-lane accumulators, reduced once at the end: counts in int32 (a chunk is far below 2**31), sums in
+        # float64 like the reference.
+        izero = tl.zeros((BLOCK,), tl.int32)
+        fzero = tl.zeros((BLOCK,), tl.float64)
+        s_valid = izero
+        s_zero = izero
+        s_below = izero
+        s_ratio = fzero
+        s_x = fzero
+        s_y = fzero
+        s_xx = fzero
+        s_yy = fzero
+        s_xy = fzero
+        r_valid = izero
+        r_on = izero
+        r_over = izero
+        r_under = izero
+        r_err = fzero
+        r_err2 = fzero
+        r_max = fzero
+        for i in tl.range(0, CHUNK_, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            inb = offs < n
+            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            if WRITE_SNAP:
+                tl.store(snap_ptr + soff + offs, w, mask=inb)
+            a = tl.abs(w)
+            w_fin = (a < float("inf")) & inb  # false for NaN and ±inf
+            if DO_STIFF:
+                g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+                if HAS_GSCALE:
+                    g = g / gscale
+                x32 = tl.abs(g)
+                ok = w_fin & (x32 < float("inf"))
+                zero = ok & (a == 0.0)
+                valid = ok & (a != 0.0)
+                e = tl.minimum(tl.maximum(_floor_log2_f32(a), EMIN), ECLAMP)
+                s = _pow2_f64(e - M)
+                x = x32.to(tl.float64)
+                xs = tl.where(valid, x, 0.0)
+                ys = tl.where(valid, s, 0.0)
+                s_valid += valid.to(tl.int32)
+                s_zero += zero.to(tl.int32)
+                s_below += (valid & (x < s)).to(tl.int32)
+                s_ratio += xs * _pow2_f64(M - e)  # |g| / S, exact division by a power of two
+                s_x += xs
+                s_y += ys
+                s_xx += xs * xs
+                s_yy += ys * ys
+                s_xy += xs * ys
+            if DO_GRID:
+                q = _round_to_grid(a, EMIN, M, P2M, FMAX)
+                err = tl.abs(a - q)  # |w - copysign(q, w)|, exactly as the reference forms it in float32
+                err64 = tl.where(w_fin, err.to(tl.float64), 0.0)
+                r_valid += w_fin.to(tl.int32)
+                r_on += (w_fin & (err == 0.0)).to(tl.int32)
+                r_over += (w_fin & (a > FMAX)).to(tl.int32)
+                r_under += (w_fin & (q == 0.0) & (a != 0.0)).to(tl.int32)
+                r_err += err64
+                r_err2 += err64 * err64
+                r_max = tl.maximum(r_max, err64)
+        row = part_ptr + pid * N_COLS
+        if DO_STIFF:
+            tl.store(row + 0, tl.sum(s_valid).to(tl.float64))
+            tl.store(row + 1, tl.sum(s_zero).to(tl.float64))
+            tl.store(row + 2, tl.sum(s_below).to(tl.float64))
+            tl.store(row + 3, tl.sum(s_ratio))
+            tl.store(row + 4, tl.sum(s_x))
+            tl.store(row + 5, tl.sum(s_y))
+            tl.store(row + 6, tl.sum(s_xx))
+            tl.store(row + 7, tl.sum(s_yy))
+            tl.store(row + 8, tl.sum(s_xy))
+        if DO_GRID:
+            row += GRID_C0
+            tl.store(row + 0, tl.sum(r_valid).to(tl.float64))
+            tl.store(row + 1, tl.sum(r_on).to(tl.float64))
+            tl.store(row + 2, tl.sum(r_over).to(tl.float64))
+            tl.store(row + 3, tl.sum(r_under).to(tl.float64))
+            tl.store(row + 4, tl.sum(r_err))
+            tl.store(row + 5, tl.sum(r_err2))
+            tl.store(row + 6, tl.max(r_max))
+
+    @triton.jit
+    def _after_kernel(
+        w_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, hist_ptr,
+        N_COLS: tl.constexpr, DO_ULP: tl.constexpr, DO_FLIPS: tl.constexpr,
+        EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr, FLIP_C0: tl.constexpr,
+        CHUNK_: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST: tl.constexpr,
+        WINDOW: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        t = tl.load(chunk_t + pid)
+        start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK_)
+        n = tl.load(numel + t)
+        w_ptr = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(tl.float32)), 16)
+        soff = tl.multiple_of(tl.load(snap_off + t), 64)
+        izero = tl.zeros((BLOCK,), tl.int32)
+        lzero = tl.zeros((BLOCK,), tl.int64)
+        u_valid = izero
+        u_zero = izero
+        u_sum = lzero
+        u_max = lzero
+        f_upd = izero
+        f_flip = izero
+        f_stall = izero
+        f_steps = lzero
+        hist = tl.zeros((WINDOW,), tl.int32)
+        lo = 1
+        if DO_ULP and HIST:
+            # A histogram costs in proportion to its bins, so each program counts a window of WINDOW fine buckets
+            # (WINDOW / 16 octaves) in registers, centred on the busiest octave of its first block; distances of
+            # one parameter's chunk rarely spread further.
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < n
+            b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
+            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            valid = inb & (tl.abs(b) < float("inf")) & (tl.abs(w) < float("inf"))
+            d, bucket = _ulp_bucket(b, w, valid)
+            octaves = tl.histogram((bucket - 1) >> 4, 64, mask=d != 0)
+            busiest = tl.argmax(octaves, 0)
+            lo = tl.maximum(1 + 16 * (busiest - WINDOW // 32), 1)
+        for i in tl.range(0, CHUNK_, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            inb = offs < n
+            b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
+            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            ab = tl.abs(b)
+            aw = tl.abs(w)
+            valid = inb & (ab < float("inf")) & (aw < float("inf"))
+            u_valid += valid.to(tl.int32)
+            if DO_ULP:
+                d, bucket = _ulp_bucket(b, w, valid)
+                moved = d != 0
+                if HIST:
+                    inwin = moved & (bucket >= lo) & (bucket < lo + WINDOW)
+                    hist += tl.histogram(bucket - lo, WINDOW, mask=inwin)
+                    # The few moved elements outside the program's window: one atomic each, straight to memory.
+                    tl.atomic_add(hist_ptr + bucket, tl.full(bucket.shape, 1, tl.int64), mask=moved & ~inwin)
+                u_zero += (valid & ~moved).to(tl.int32)
+                u_sum += d
+                u_max = tl.maximum(u_max, d)
+            if DO_FLIPS:
+                ib = _grid_index(_round_to_grid(ab, EMIN, M, P2M, FMAX), EMIN, M, P2M)
+                iw = _grid_index(_round_to_grid(aw, EMIN, M, P2M, FMAX), EMIN, M, P2M)
+                steps = tl.where(valid, tl.abs(tl.where(w < 0, -iw, iw) - tl.where(b < 0, -ib, ib)), 0)
+                updated = valid & (w != b)
+                f_upd += updated.to(tl.int32)
+                f_flip += (steps != 0).to(tl.int32)
+                f_stall += (updated & (steps == 0)).to(tl.int32)
+                f_steps += steps.to(tl.int64)
+        row = part_ptr + pid * N_COLS
+        n_valid = tl.sum(u_valid).to(tl.float64)
+        if DO_ULP:
+            tl.store(row + 0, n_valid)
+            tl.store(row + 1, tl.sum(u_zero).to(tl.float64))
+            tl.store(row + 2, tl.sum(u_sum).to(tl.float64))
+            tl.store(row + 3, tl.max(u_max).to(tl.float64))
+            if HIST:
+                bins = lo + tl.arange(0, WINDOW)
+                tl.atomic_add(hist_ptr + bins, hist.to(tl.int64), mask=(hist != 0) & (bins < HIST_BINS))
+        if DO_FLIPS:
+            row += FLIP_C0
+            tl.store(row + 0, n_valid)
+            tl.store(row + 1, tl.sum(f_upd).to(tl.float64))
+            tl.store(row + 2, tl.sum(f_flip).to(tl.float64))
+            tl.store(row + 3, tl.sum(f_stall).to(tl.float64))
+            tl.store(row + 4, tl.sum(f_steps).to(tl.float64))
+
+
+class FusedPass:
+    """Fused diagnostic pass over one fixed list of float32 CUDA parameters (see the module docstring).
+
+    ``before(grads, grad_scale)`` returns ``{family: {format name: sums}}`` for ``"stiffness"`` and ``"grid"``;
+    ``after()`` returns it for ``"ulp"`` (format name ``""``) and ``"flips"``. The sums have exactly the keys and
+    dtypes of the reference ``_update`` functions, so the Metrics accumulate either.
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], diagnostics: Sequence[str]
+    ) -> None:
+        self.params = list(params)
+        self.formats = list(formats)
+        self.diagnostics = set(diagnostics)
+        device = self.params[0].device
+        numels = [p.numel() for p in self.params]
+        self.n_total = sum(numels)
+        counts = [max(1, math.ceil(n / CHUNK)) for n in numels]
+        t_idx = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts))
+        first = torch.cumsum(torch.tensor([0, *counts[:-1]]), 0)
+        starts = (torch.arange(int(sum(counts))) - first[t_idx]) * CHUNK
+        padded = [-(-n // 64) * 64 for n in numels]  # 64-element (256-byte) aligned snapshot slices
+        offsets = torch.cumsum(torch.tensor([0, *padded[:-1]], dtype=torch.int64), 0)
+        self._snap_slices = [(int(o), n) for o, n in zip(offsets.tolist(), numels, strict=True)]
+        self.n_chunks = int(sum(counts))
+        self._chunk_t = t_idx.to(torch.int32).to(device)
+        self._chunk_start = starts.to(torch.int64).to(device)
+        self._numel = torch.tensor(numels, dtype=torch.int64).to(device)
+        self._snap_off = offsets.to(device)
+        self._w_tab = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.int64).to(device)
+        self._w_ptrs = [p.data_ptr() for p in self.params]
+        self.snapshot = torch.empty(sum(padded), dtype=torch.float32, device=device)
+        self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
+
+    @staticmethod
+    def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
+        """Whether this step's gradients fit the fast path: float32, contiguous, 16-byte aligned, beside their
+        parameter."""
+        return all(
+            g is not None
+            and g.dtype == torch.float32
+            and g.is_contiguous()
+            and g.device == p.device
+            and g.shape == p.shape
+            and g.data_ptr() % 16 == 0
+            for p, g in zip(params, grads, strict=True)
+        )
+
+    def snapshot_of(self, i: int) -> torch.Tensor:
+        """The snapshot of parameter ``i`` taken by the last :meth:`before` (a flat view)."""
+        offset, n = self._snap_slices[i]
+        return self.snapshot[offset : offset + n]
+
+    def pointers_valid(self) -> bool:
+        """False once a parameter's storage moved (e.g. ``model.to(...)``): rebuild the pass then."""
+        return [p.data_ptr() for p in self.params] == self._w_ptrs
+
+    def before(self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None) -> dict[str, dict[str, Sums]]:
+        device = self.snapshot.device
+        g_tab = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        # A pinned source makes the copy asynchronous: no host synchronisation on the training step.
+        g_tab = (g_tab.pin_memory() if device.type == "cuda" else g_tab).to(device, non_blocking=True)
+        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
+        c0 = len(_STIFF_COLS) * do_stiff
+        n_cols = c0 + len(_GRID_COLS) * do_grid
+        out: dict[str, dict[str, Sums]] = {"stiffness": {}, "grid": {}}
+        gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
+        for i, fmt in enumerate(self.formats):
+            write_snap = i == 0 and self._keep_snapshot
+            if n_cols == 0 and not write_snap:
+                break
+            part = torch.empty((self.n_chunks, max(n_cols, 1)), dtype=torch.float64, device=device)
+            _before_kernel[(self.n_chunks,)](
+                self._w_tab, g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
+                self.snapshot, part, gscale,
+                N_COLS=max(n_cols, 1), WRITE_SNAP=write_snap,
+                HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
+                EMIN=fmt.emin, ECLAMP=max(fmt.emin, fmt.emax), M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits,
+                FMAX=float(fmt.max),
+                GRID_C0=c0, CHUNK_=CHUNK, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+            if n_cols == 0:
+                continue
+            total = _reduce_rows(part, max_cols=(n_cols - 1,) if do_grid else ())
+            if do_stiff:
+                st = self._sums(total[:c0], _STIFF_COLS)
+                st["n_nonfinite"] = st["n_total"] - st["n_valid"] - st["n_zero_weight"]
+                out["stiffness"][fmt.name] = st
+            if do_grid:
+                grid = self._sums(total[c0:], _GRID_COLS)
+                grid["n_nonfinite"] = grid["n_total"] - grid["n_valid"]
+                grid["n_unrepresentable"] = torch.zeros_like(grid["n_total"])  # signed formats only
+                # float32 errors stay below 2**129: their squares never overflow, the reference keeps this at 0
+                grid["sum_err_sq_scaled"] = torch.zeros_like(grid["sum_err"])
+                out["grid"][fmt.name] = grid
+        return out
+
+    def after(self) -> dict[str, dict[str, Sums]]:
+        device = self.snapshot.device
+        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
+        out: dict[str, dict[str, Sums]] = {"ulp": {}, "flips": {}}
+        for i, fmt in enumerate(self.formats):
+            ulp_here = do_ulp and i == 0
+            c0 = len(_ULP_COLS) * ulp_here
+            n_cols = c0 + len(_FLIP_COLS) * do_flips
+            if n_cols == 0:
+                break
+            part = torch.empty((self.n_chunks, n_cols), dtype=torch.float64, device=device)
+            hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)
+            _after_kernel[(self.n_chunks,)](
+                self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
+                part, hist,
+                N_COLS=n_cols, DO_ULP=ulp_here, DO_FLIPS=do_flips,
+                EMIN=fmt.emin, M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits, FMAX=float(fmt.max), FLIP_C0=c0,
+                CHUNK_=CHUNK, BLOCK=_BLOCK, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
+                num_warps=_NUM_WARPS,
+            )  # fmt: skip
+            total = _reduce_rows(part, max_cols=(3,) if ulp_here else ())
+            if ulp_here:
+                ulp = self._sums(total[:c0], _ULP_COLS)
+                ulp["hist"] = _fine_hist(hist)
+                ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
+                out["ulp"][""] = ulp
+            if do_flips:
+                out["flips"][fmt.name] = self._sums(total[c0:], _FLIP_COLS)
+        return out
+
+    def _sums(self, total: torch.Tensor, cols: Sequence[str]) -> Sums:
+        """Reduced partial columns as the reference ``_update`` dict: int64 counts, float64 sums."""
+        out: Sums = {"n_total": torch.tensor(self.n_total, dtype=torch.int64, device=total.device)}
+        for j, name in enumerate(cols):
+            out[name] = total[j].to(torch.int64) if name.startswith("n_") else total[j]
+        return out
+
+
+def _reduce_rows(part: torch.Tensor, max_cols: tuple[int, ...]) -> torch.Tensor:
+    total = part.sum(0)
+    for c in max_cols:
+        total[c] = part[:, c].amax()
+    return total
+
+
+def _fine_hist(hist: torch.Tensor) -> torch.Tensor:
+    from altgrad_lightning.functional.ulp import _FINE_BINS
+
+    out = torch.zeros(_FINE_BINS, dtype=torch.int64, device=hist.device)
+    out[:_HIST_BINS] = hist
+    return out

@@ -1,0 +1,149 @@
+"""The fast path (``functional/_fused.py``) equals the reference path on adversarial inputs.
+
+The reference is the package's own per-parameter ``_update`` functions (themselves proven against ml_dtypes,
+torch casts, gfloat and numpy in the other test files), merged over parameters as the Metrics merge them: the fast
+path is a second implementation of the same sums, and this test is what keeps the two from drifting. It runs on
+CUDA with Triton, and on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
+imported) where Triton is installed; otherwise it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="the fast path needs Triton (CUDA builds of torch ship it)")
+
+from altgrad_lightning import get_format  # noqa: E402
+from altgrad_lightning.functional._fused import FusedPass, fused_format_supported  # noqa: E402
+from altgrad_lightning.functional._reduce import merge  # noqa: E402
+from altgrad_lightning.functional.flips import _flip_update  # noqa: E402
+from altgrad_lightning.functional.grid import _grid_alignment_update  # noqa: E402
+from altgrad_lightning.functional.stiffness import _gradient_stiffness_update  # noqa: E402
+from altgrad_lightning.functional.ulp import _ulp_update  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "float8_e4m3fnuz", "float6_e2m3fn",
+           "float4_e2m1fn", "float8_e4m3"]  # fmt: skip
+
+
+def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 12, (n,), generator=g).float())
+    special = torch.tensor(
+        [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 448.0, 464.0, 465.0, 57344.0, 61440.0, 1e38, -3e38,
+         2.0**-126, 2.0**-149, -(2.0**-140), 1.0625, 1.0 + 2**-4, 2.0**-9 * 1.5, 2.0**-10, 2.0**-133 * 3, 65520.0]
+    )  # fmt: skip
+    idx = torch.randint(0, n, (len(special) * 4,), generator=g)
+    w[idx] = special.repeat(4)
+    grad = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 0, (n,), generator=g).float())
+    grad[torch.randint(0, n, (8,), generator=g)] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0] * 2)
+    step = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, -2, (n,), generator=g).float())
+    step[torch.rand(n, generator=g) < 0.3] = 0.0
+    after = w - step
+    after[torch.randint(0, n, (6,), generator=g)] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), 1e-45, -w[0]])
+    return w, grad, after
+
+
+def _reference(ws, gs, afters, fmts, diagnostics):
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {f: {} for f in ("stiffness", "grid", "ulp", "flips")}
+
+    def add(family, key, sums):
+        out[family][key] = merge(out[family][key], sums) if key in out[family] else sums
+
+    for w, g, a in zip(ws, gs, afters, strict=True):
+        for fmt in fmts:
+            if "stiffness" in diagnostics:
+                add("stiffness", fmt.name, _gradient_stiffness_update(w, g, fmt))
+            if "grid" in diagnostics:
+                add("grid", fmt.name, _grid_alignment_update(w, fmt))
+            if "flips" in diagnostics:
+                add("flips", fmt.name, _flip_update(w, a, fmt))
+        if "ulp" in diagnostics:
+            add("ulp", "", _ulp_update(w, a))
+    return out
+
+
+def _assert_sums_equal(fast, ref, where):
+    assert fast.keys() == ref.keys(), where
+    for k in ref:
+        f, r = fast[k].cpu(), ref[k].cpu()
+        assert f.dtype == r.dtype, (where, k, f.dtype, r.dtype)
+        if r.dtype == torch.int64:
+            assert torch.equal(f, r), (where, k, f, r)
+        else:  # float64 sums: only the summation order differs
+            torch.testing.assert_close(f, r, rtol=1e-12, atol=0.0, msg=f"{where} {k}")
+
+
+@pytest.mark.parametrize("diagnostics", [("stiffness", "grid", "ulp", "flips"), ("ulp",), ("grid", "flips")])
+def test_fused_pass_equals_reference_sums(diagnostics):
+    fmts = [get_format(f) for f in FORMATS]
+    assert all(fused_format_supported(f) for f in fmts)
+    sizes = [1, 7, 1500, 9000, 20000]  # below, inside and across chunk and block boundaries
+    data = [_adversarial(n, seed) for seed, n in enumerate(sizes)]
+    ws = [d[0].to(DEVICE) for d in data]
+    gs = [d[1].to(DEVICE) for d in data]
+    afters = [d[2].to(DEVICE) for d in data]
+    params = [w.clone() for w in ws]
+    fused = FusedPass(params, fmts, diagnostics)
+    before = fused.before(gs, None)
+    for p, a in zip(params, afters, strict=True):  # the optimizer step, in place as optimizers do
+        p.copy_(a)
+    after = fused.after()
+    ref = _reference(ws, gs, afters, fmts, diagnostics)
+    got = {**before, **after}
+    for family in ("stiffness", "grid", "ulp", "flips"):
+        assert got.get(family, {}).keys() == ref[family].keys(), family
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"{family}/{key}")
+    if {"ulp", "flips"} & set(diagnostics):
+        for i, w in enumerate(ws):  # bitwise: NaN payloads too
+            assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
+
+
+def test_fused_pass_divides_unapplied_grad_scale():
+    fmt = get_format("float8_e5m2")
+    w, g, _ = _adversarial(3000, 11)
+    scale = torch.tensor(1024.0)
+    fused = FusedPass([w.to(DEVICE)], [fmt], ("stiffness",))
+    got = fused.before([(g * scale).to(DEVICE)], scale.to(DEVICE))["stiffness"][fmt.name]
+    _assert_sums_equal(got, _gradient_stiffness_update(w, g, fmt), "stiffness with grad scale")
+
+
+def test_unsupported_formats_are_declared():
+    for name in ("float8_e8m0fnu", "e0m7"):
+        assert not fused_format_supported(get_format(name))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the callback takes the fast path on CUDA only")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precision):
+    """A real Trainer on the GPU: the fused path is taken and every logged value equals numpy/ml_dtypes."""
+    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference, ulp_histogram_ref
+
+    from altgrad_lightning import QuantizationMonitor
+
+    torch.manual_seed(0)
+    formats = ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16")
+    monitor = QuantizationMonitor(formats=list(formats))
+    # A fused optimizer under 16-mixed keeps the loss scale in the gradients at the hook: the kernel divides by it.
+    # A constant loss scale of 2**12: no step overflows (a skipped step is no sample, see test_callback_training).
+    model = TinyRegressor(fused=precision == "16-mixed")
+    kwargs: dict = {"precision": precision}
+    if precision == "16-mixed":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=10**6)
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cuda", scaler=scaler)]}
+    _, probe, _ = fit(tmp_path, monitor, model=model, accelerator="gpu", **kwargs)
+    assert monitor._fused_passes, "the fast path was not taken"
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 12
+    for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):
+        assert_matches(row, reference([step], formats=formats), what=i)
+        for label, value in ulp_histogram_ref([step]).items():
+            assert row[f"altgrad/ulp_hist/{label}"] == pytest.approx(value, abs=1e-7), (i, label)
