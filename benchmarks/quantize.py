@@ -34,7 +34,6 @@ import argparse
 import datetime
 import mmap
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_model
 
 try:
     import altgrad_lightning
@@ -83,18 +83,6 @@ def minor_faults() -> int:
     except ImportError:  # Windows
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def cpu_model() -> str:
-    """The 'model name' line of /proc/cpuinfo, else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_input(numel: int, device: torch.device, seed: int) -> torch.Tensor:

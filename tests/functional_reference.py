@@ -261,3 +261,37 @@ def frac(mask: np.ndarray, within: np.ndarray | None = None) -> float:
     if within is not None:
         mask = mask[within]
     return float(np.count_nonzero(mask)) / mask.size if mask.size else 0.0
+
+#: float32 values at the edges the property tests must hit: zeros, ties and binade edges of the FP8 grids, their max
+#: and overflow points, float32 subnormals and max, and the non-finite values.
+BOUNDARY_FLOATS: tuple[float, ...] = (
+    0.0,
+    -0.0,
+    448.0,
+    -448.0,
+    464.0,
+    480.0,
+    2.0**-9,
+    2.0**-10,
+    1.0,
+    1.0 + 2**-4,
+    1.0 + 2**-8,
+    57344.0,
+    2.0**-149,
+    2.0**-126,
+    float(np.finfo(np.float32).max),
+    6.0,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    3 * 2.0**-11,
+    61440.0,
+    2.0**-127,
+    7.0,
+    2.0**-6,
+    -1.0,
+    -(2.0**-149),
+    -float(np.finfo(np.float32).max),
+    1.0 + 2**-23,
+    1.0 - 2**-24,
+)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from functional_reference import (
+    BOUNDARY_FLOATS,
     ENUMERABLE,
     ML_NAMES,
     assert_scalar,
@@ -338,30 +339,7 @@ def test_bad_format_names_the_argument() -> None:
 
 # --- properties ----------------------------------------------------------------------------------------------------
 
-_BOUNDARY = st.sampled_from(
-    [
-        0.0,
-        -0.0,
-        448.0,
-        -448.0,
-        464.0,
-        480.0,
-        2.0**-9,
-        2.0**-10,
-        1.0,
-        1.0 + 2**-4,
-        1.0 + 2**-8,
-        57344.0,
-        2.0**-149,
-        2.0**-126,
-        float(np.finfo(np.float32).max),
-        6.0,
-        float("nan"),
-        float("inf"),
-        -float("inf"),
-    ]
-)
-_F32 = st.one_of(st.floats(width=32), _BOUNDARY)
+_F32 = st.one_of(st.floats(width=32), st.sampled_from(BOUNDARY_FLOATS))
 
 
 @settings(max_examples=200, deadline=None)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from functional_reference import (
+    BOUNDARY_FLOATS,
     ENUMERABLE,
     ML_NAMES,
     assert_scalar,
@@ -389,31 +390,7 @@ def test_grid_sums_merge(name: str, scale: float | None) -> None:
 
 # --- properties ----------------------------------------------------------------------------------------------------
 
-_BOUNDARY = st.sampled_from(
-    [
-        0.0,
-        -0.0,
-        448.0,
-        -448.0,
-        464.0,
-        480.0,
-        2.0**-9,
-        2.0**-10,
-        3 * 2.0**-11,
-        1.0 + 2**-4,
-        57344.0,
-        61440.0,
-        2.0**-149,
-        2.0**-126,
-        2.0**-127,
-        float(np.finfo(np.float32).max),
-        6.0,
-        7.0,
-        float("nan"),
-        float("inf"),
-    ]
-)
-_F32 = st.one_of(st.floats(width=32), _BOUNDARY)
+_F32 = st.one_of(st.floats(width=32), st.sampled_from(BOUNDARY_FLOATS))
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from functional_reference import (
+    BOUNDARY_FLOATS,
     ML_NAMES,
     TORCH_TO_NP,
     assert_scalar,
@@ -371,29 +372,7 @@ def test_gradient_stiffness_sums_merge(name: str, scale: float | None) -> None:
 
 # --- properties ----------------------------------------------------------------------------------------------------
 
-_BOUNDARY = st.sampled_from(
-    [
-        0.0,
-        -0.0,
-        448.0,
-        -448.0,
-        464.0,
-        480.0,
-        2.0**-9,
-        2.0**-6,
-        2.0**-10,
-        1.0 + 2**-4,
-        57344.0,
-        2.0**-149,
-        2.0**-126,
-        float(np.finfo(np.float32).max),
-        1.0,
-        float("nan"),
-        float("inf"),
-        -float("inf"),
-    ]
-)
-_F32 = st.one_of(st.floats(width=32), _BOUNDARY)
+_F32 = st.one_of(st.floats(width=32), st.sampled_from(BOUNDARY_FLOATS))
 _PRESETS = st.sampled_from([*ML_NAMES, "float16", "float32", "float64", "e0m7", "e3m4", "e1m6"])
 
 

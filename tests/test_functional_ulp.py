@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from functional_reference import (
+    BOUNDARY_FLOATS,
     TORCH_TO_NP,
     assert_scalar,
     count_nextafter_steps,
@@ -346,25 +347,7 @@ def test_ulp_sums_merge(dtype: torch.dtype) -> None:
 
 # --- properties ----------------------------------------------------------------------------------------------------
 
-_BOUNDARY = st.sampled_from(
-    [
-        0.0,
-        -0.0,
-        1.0,
-        -1.0,
-        2.0**-149,
-        -(2.0**-149),
-        2.0**-126,
-        float(np.finfo(np.float32).max),
-        -float(np.finfo(np.float32).max),
-        float("nan"),
-        float("inf"),
-        -float("inf"),
-        1.0 + 2**-23,
-        1.0 - 2**-24,
-    ]
-)
-_F32 = st.one_of(st.floats(width=32), _BOUNDARY)
+_F32 = st.one_of(st.floats(width=32), st.sampled_from(BOUNDARY_FLOATS))
 
 
 @settings(max_examples=200, deadline=None)
