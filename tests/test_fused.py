@@ -140,7 +140,8 @@ def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precisi
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=10**6)
         kwargs = {"plugins": [MixedPrecision("16-mixed", "cuda", scaler=scaler)]}
     _, probe, _ = fit(tmp_path, monitor, model=model, accelerator="gpu", **kwargs)
-    assert monitor._fused_passes, "the fast path was not taken"
+    assert monitor._fused_steps == 12, "the fast path was not taken at every step"
+    assert not monitor._fused_passes, "the snapshots outlive fit"
     rows = csv_rows(tmp_path)
     assert len(rows) == len(probe.steps) == 12
     for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):

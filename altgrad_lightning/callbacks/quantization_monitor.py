@@ -139,6 +139,7 @@ class QuantizationMonitor(Callback):
             raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
         self.fused = fused
         self._fused_passes: dict[int, FusedPass] = {}  # id(optimizer) -> its fast path, where it applies
+        self._fused_steps = 0  # optimizer steps that took the fast path (for tests and benchmarks)
 
         self._metrics: dict[str, SumsMetric] = {}
         self._selected: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}  # id(optimizer) -> parameters
@@ -288,6 +289,7 @@ class QuantizationMonitor(Callback):
         with torch.no_grad():
             self._accumulate_fused(fused.before([g for g in grads if g is not None], grad_scale), None)
         self._pending[key] = fused  # its after half reads the snapshot it holds
+        self._fused_steps += 1
         return True
 
     def _accumulate_fused(
@@ -406,6 +408,7 @@ class QuantizationMonitor(Callback):
         self._handles = []
         self._pending.clear()
         self._stepping.clear()
+        self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
 
 
 def _stepping_batches(trainer: pl.Trainer) -> int:
