@@ -139,6 +139,18 @@ if HAS_TRITON:
         return d, tl.where(d != 0, 1 + 16 * k + tl.minimum(sub, 15), 0).to(tl.int32)
 
     @triton.jit
+    def _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_: tl.constexpr):
+        """This program's parameter index, chunk start, parameter size, weight pointer and snapshot offset.
+
+        The alignment hints (checked on the host: 16-byte aligned tensors, 64-element snapshot offsets) let Triton
+        issue 16-byte vector loads and stores.
+        """
+        t = tl.load(chunk_t + pid)
+        start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK_)
+        w_ptr = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(tl.float32)), 16)
+        return t, start, tl.load(numel + t), w_ptr, tl.multiple_of(tl.load(snap_off + t), 64)
+
+    @triton.jit
     def _before_kernel(
         w_tab, g_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, gscale_ptr,
         N_COLS: tl.constexpr, WRITE_SNAP: tl.constexpr, HAS_GSCALE: tl.constexpr,
@@ -148,14 +160,8 @@ if HAS_TRITON:
         CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        t = tl.load(chunk_t + pid)
-        # Alignment hints (checked on the host: 16-byte aligned tensors, 64-element snapshot offsets) let Triton
-        # issue 16-byte vector loads and stores.
-        start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK_)
-        n = tl.load(numel + t)
-        w_ptr = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(tl.float32)), 16)
+        t, start, n, w_ptr, soff = _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_)
         g_ptr = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(tl.float32)), 16)
-        soff = tl.multiple_of(tl.load(snap_off + t), 64)
         if HAS_GSCALE:
             gscale = tl.load(gscale_ptr)
         # Per-lane accumulators, reduced once at the end: counts in int32 (a chunk is far below 2**31), sums in
@@ -249,11 +255,7 @@ if HAS_TRITON:
         WINDOW: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        t = tl.load(chunk_t + pid)
-        start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK_)
-        n = tl.load(numel + t)
-        w_ptr = tl.multiple_of(tl.load(w_tab + t).to(tl.pointer_type(tl.float32)), 16)
-        soff = tl.multiple_of(tl.load(snap_off + t), 64)
+        t, start, n, w_ptr, soff = _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_)
         izero = tl.zeros((BLOCK,), tl.int32)
         lzero = tl.zeros((BLOCK,), tl.int64)
         u_valid = izero
