@@ -44,7 +44,7 @@ __all__ = ["FusedPass", "fused_format_supported", "fused_supported"]
 
 CHUNK = 8192
 """Elements per Triton program: a program's chunk never crosses a parameter, so per-parameter sums are possible."""
-_BLOCK = 1024
+_BLOCK = 256  # 2 elements per thread at 4 warps: 88-128 registers, not 255 (occupancy; see NOTES.md)
 _NUM_WARPS = 4
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
