@@ -98,20 +98,25 @@ class FloatFormat:
             raise ValueError(f"Expected argument `mantissa_bits` to be in [0, 52], but got {m}")
         if e == 0 and flavour is not Flavour.FINITE:
             raise ValueError(
-                f"Expected `flavour='finite'` for a fixed-point format (exponent_bits=0), but got {flavour.value!r}"
+                "Expected argument `flavour` to be 'finite' for a fixed-point format (exponent_bits=0), but got "
+                f"{flavour.value!r}"
             )
         if e == 0 and m == 0:
-            raise ValueError("Expected `mantissa_bits` >= 1 for a fixed-point format (exponent_bits=0), but got 0")
+            raise ValueError(
+                "Expected argument `mantissa_bits` to be >= 1 for a fixed-point format (exponent_bits=0), but got 0"
+            )
         if flavour is Flavour.IEEE and e < 2:
             raise ValueError(
-                f"Expected `exponent_bits` >= 2 for flavour 'ieee' (its top exponent is reserved), but got {e}"
+                f"Expected argument `exponent_bits` to be >= 2 for flavour 'ieee' (its top exponent is reserved), but "
+                f"got {e}"
             )
         if flavour is Flavour.FN and e < 1:
-            raise ValueError(f"Expected `exponent_bits` >= 1 for flavour 'fn', but got {e}")
-        if flavour is Flavour.E8M0 and (m != 0 or self.signed):
+            raise ValueError(f"Expected argument `exponent_bits` to be >= 1 for flavour 'fn', but got {e}")
+        if flavour is Flavour.E8M0 and m != 0:
+            raise ValueError(f"Expected argument `mantissa_bits` to be 0 for flavour 'e8m0', but got {m}")
+        if flavour is Flavour.E8M0 and self.signed:
             raise ValueError(
-                f"Expected flavour 'e8m0' to have `mantissa_bits=0` and `signed=False`, but got "
-                f"mantissa_bits={m}, signed={self.signed}"
+                "Expected argument `signed` to be False for flavour 'e8m0' (it has no sign bit), but got True"
             )
         if flavour is Flavour.FN and m == 0 and e == 1:
             raise ValueError(

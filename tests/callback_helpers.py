@@ -369,3 +369,77 @@ def assert_matches(row: dict[str, float], ref: dict[str, float], what: Any = "",
 
 def monitor_keys(row: dict[str, float], prefix: str = "altgrad") -> dict[str, float]:
     return {k: v for k, v in row.items() if k.startswith(prefix + "/")}
+
+
+# --- distributed -----------------------------------------------------------------------------------------------------
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+
+class CollectiveCounter(pl.Callback):
+    """Counts the ``torch.distributed`` collectives called from the monitor's code (its module or the metrics'
+    ``_base``), by wrapping the functions in ``setup`` (in the spawned process). ``calls`` lists
+    ``(global_step, name, op)`` per call; with ``save_dir`` each rank pickles it to ``collectives_rank{r}.pkl``."""
+
+    def __init__(self, save_dir: str | os.PathLike | None = None) -> None:
+        self.save_dir = save_dir
+        self.calls: list[tuple[int, str, str]] = []
+        self._originals: dict[str, Any] = {}
+        self._trainer: Any = None
+
+    def setup(self, trainer, pl_module, stage):
+        import traceback
+
+        import torch.distributed as dist
+
+        self._trainer = trainer
+        for name in _COLLECTIVES:
+            original = getattr(dist, name)
+            self._originals[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                stack = traceback.extract_stack()
+                if any("quantization_monitor" in f.filename or "metrics/_base" in f.filename for f in stack):
+                    op = kwargs.get("op", args[1] if len(args) > 1 and _name == "all_reduce" else None)
+                    self.calls.append((self._trainer.global_step, _name, str(op)))
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+
+    def teardown(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        self._originals = {}
+        if self.save_dir is not None:
+            with open(os.path.join(self.save_dir, f"collectives_rank{trainer.global_rank}.pkl"), "wb") as fh:
+                pickle.dump(self.calls, fh)
+
+
+class FullTensorProbe(Probe):
+    """A :class:`Probe` for sharded parameters (DTensor): captures the whole tensors (``full_tensor()``, a
+    collective every rank joins in the same order), so its steps are those of one process holding the model."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.befores += 1
+        params = [p for p in self._params[id(optimizer)] if p.requires_grad and p.grad is not None]
+        full = [p.detach().full_tensor() for p in params]
+        grads = [p.grad.full_tensor() for p in params]
+        self._current[id(optimizer)] = {
+            "opt": self._opt_index[id(optimizer)],
+            "names": [self._names[id(p)] for p in params],
+            "params": params,
+            "w": [f64(t) for t in full],
+            "g": [f64(t) for t in grads],
+            "dtype": [native(t) for t in full],
+            "scale": 1.0,
+            "global_step": trainer.global_step,
+        }
+
+    def _post(self, optimizer, args, kwargs):
+        current = self._current.pop(id(optimizer))
+        params = current.pop("params")
+        current["w_after"] = [native(p.detach().full_tensor()) for p in params]
+        current["g_post"] = [f64(p.grad.full_tensor()) for p in params]
+        self.steps.append(current)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed
-from callback_helpers import Probe, TinyRegressor, assert_matches, csv_rows, reference
+from callback_helpers import CollectiveCounter, Probe, TinyRegressor, assert_matches, csv_rows, reference
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -59,7 +59,7 @@ def test_ddp_spawn_two_cpu_processes_log_single_process_values(tmp_path):
         max_steps=5,
         log_every_n_steps=2,  # logs at steps 1 and 3; step 4 is still pending in the final checkpoint
         logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[QuantizationMonitor(formats=FORMATS), Probe(save_dir=tmp_path), ckpt],
+        callbacks=[QuantizationMonitor(formats=FORMATS), Probe(save_dir=tmp_path), CollectiveCounter(tmp_path), ckpt],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -76,6 +76,11 @@ def test_ddp_spawn_two_cpu_processes_log_single_process_values(tmp_path):
     for s0, s1 in zip(steps0, steps1, strict=True):
         for key in ("w", "g", "w_after"):
             assert all(np.array_equal(a, b) for a, b in zip(s0[key], s1[key], strict=True)), key
+
+    # Replicas: the monitor calls no collective at all, at logging steps or elsewhere, on either rank.
+    for rank in (0, 1):
+        with open(tmp_path / f"collectives_rank{rank}.pkl", "rb") as fh:
+            assert pickle.load(fh) == []
 
     rows = csv_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 3]

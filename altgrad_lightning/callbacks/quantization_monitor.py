@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,7 @@ from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
 from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
+from altgrad_lightning.metrics._base import all_reduce_sums
 
 __all__ = ["QuantizationMonitor"]
 
@@ -106,7 +107,12 @@ class QuantizationMonitor(Callback):
         log_histogram: bool = True,
         fused: bool = True,
     ) -> None:
-        fmt_list = [formats] if isinstance(formats, (str, FloatFormat, torch.dtype)) else list(formats)
+        # A lone format, or a lone non-format (e.g. 8) that get_format below rejects naming `formats`.
+        fmt_list: list[Any] = (
+            list(formats)
+            if isinstance(formats, Sequence) and not isinstance(formats, (str, FloatFormat))
+            else [formats]
+        )
         if not fmt_list:
             raise ValueError("Expected argument `formats` to name at least one format, but got an empty sequence")
         self.formats: list[FloatFormat] = [get_format(f, arg="formats") for f in fmt_list]
@@ -134,7 +140,9 @@ class QuantizationMonitor(Callback):
         self.every_n_steps = every_n_steps
         self.scaling = scaling
         self.prefix = prefix
-        self.log_histogram = bool(log_histogram)
+        if not isinstance(log_histogram, bool):
+            raise TypeError(f"Expected argument `log_histogram` to be a bool, but got {log_histogram!r}")
+        self.log_histogram = log_histogram
         if not isinstance(fused, bool):
             raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
         self.fused = fused
@@ -152,6 +160,13 @@ class QuantizationMonitor(Callback):
         # Steps of fused optimizers skipped by the scaler: their post hook fires, the verdict stays on the device.
         self._skipped_on_device: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
+        # Sharded parameters (FSDP1 flat shards, FSDP2 / DTensor): each rank counts the elements it owns and the
+        # sums are all-reduced at logging steps. Replicated ones (one process, DDP): no collective at all.
+        self._sharded = False
+        self._rank = 0
+        # id(parameter) -> the rank's own elements of a parameter-shaped tensor (the parameter or its gradient),
+        # or None where another rank counts this parameter (a replica). Only filled when sharded.
+        self._local: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}
 
     @property
     def state_key(self) -> str:
@@ -176,7 +191,8 @@ class QuantizationMonitor(Callback):
             fmts: list[FloatFormat | None] = [None] if family == "ulp" else list(self.formats)
             for fmt in fmts:
                 for param in [None, *(names if self.per_parameter else [])]:
-                    # DDP replicas hold identical parameters: every rank computes the same numbers, no sync needed.
+                    # No torchmetrics sync (one collective per state): DDP replicas compute the same numbers
+                    # locally, and sharded runs reduce every state at once in _compute_and_reset.
                     metric = cls(fmt, sync_on_compute=False) if fmt is not None else cls(sync_on_compute=False)
                     self._metrics[self._key(family, fmt, param)] = metric.to(device)
 
@@ -199,10 +215,16 @@ class QuantizationMonitor(Callback):
                     selected_names.append(name)
             self._selected[id(optimizer)] = chosen
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._sharded = _is_sharded(trainer, pl_module)
+        self._rank = trainer.global_rank
+        self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
         self._fused_passes = {}
-        if self.fused and not self.per_parameter:
+        # The fast path reads whole plain tensors: never DTensors, nor (padded, partly replicated) sharded runs.
+        if self.fused and not self.per_parameter and not self._sharded:
             for key, chosen in self._selected.items():
                 params = [p for _, p in chosen]
+                if any(_is_dtensor(p) for p in params):
+                    continue
                 if fused_supported(params, self.formats, scaled=self.scaling != "none"):
                     self._fused_passes[key] = FusedPass(params, self.formats, self.diagnostics)
         if not selected_names:
@@ -231,12 +253,17 @@ class QuantizationMonitor(Callback):
         keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
         pending: list[Any] = []
         with torch.no_grad():
+            shard_scales = self._sharded_scales(key) if self._sharded and self.scaling != "none" else {}
             for name, p in self._selected[key]:
-                if p.grad is None:
+                if p.grad is None or not self._owns(p):
                     continue
-                w = p.detach()
-                g = p.grad.detach() if grad_scale is None else p.grad.detach() / grad_scale
-                scales = [self._scale(w, fmt) for fmt in self.formats]
+                w = self._view(p, p.detach())
+                g = self._view(p, p.grad.detach())
+                g = g if grad_scale is None else g / grad_scale
+                if id(p) in shard_scales:
+                    scales = shard_scales[id(p)]
+                else:
+                    scales = [self._scale(w, fmt) for fmt in self.formats]
                 for fmt, scale in zip(self.formats, scales, strict=False):
                     if "stiffness" in self.diagnostics:
                         for m in self._metric("stiffness", fmt, name):
@@ -267,7 +294,7 @@ class QuantizationMonitor(Callback):
             return
         with torch.no_grad():
             for name, p, before, scales in pending:
-                w = p.detach()
+                w = self._view(p, p.detach())
                 if "ulp" in self.diagnostics:
                     for m in self._metric("ulp", None, name):
                         m.accumulate(_masked(m.sums_of(before, w), taken))
@@ -340,6 +367,10 @@ class QuantizationMonitor(Callback):
     def _apply_restored(self, state: dict[str, Any]) -> None:
         self._skipped_steps = int(state.get("skipped_steps", 0))
         self._skipped_on_device = None
+        # Sharded: the checkpoint holds one rank's local sums (rank 0 writes it). Restoring them on every rank would
+        # count them once per rank: rank 0 alone takes them (the other ranks' share of that window is lost).
+        if self._sharded and self._rank != 0:
+            return
         for key, sums in state.get("metrics", {}).items():
             metric = self._metrics.get(key)
             if metric is not None:
@@ -352,12 +383,45 @@ class QuantizationMonitor(Callback):
             return False
         return not any(r.search(name) for r in self.exclude)
 
+    def _owns(self, p: torch.Tensor) -> bool:
+        """Whether this rank counts (its local elements of) ``p``: always when not sharded."""
+        return not self._sharded or self._local.get(id(p)) is not None
+
+    def _view(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """This rank's own elements of ``t`` (``p`` itself or its gradient): ``t`` unless sharded."""
+        view = self._local.get(id(p)) if self._sharded else None
+        return t if view is None else view(t)
+
     def _scale(self, w: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
         if self.scaling == "none":
             return None
-        amax = w.abs().amax().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-        # An all-zero (or non-finite) tensor has no meaningful amax: keep the unscaled grid for it.
-        return torch.where(torch.isfinite(amax) & (amax > 0), amax / fmt.max, torch.ones_like(amax))
+        return _scale_of(_amax(w), fmt)
+
+    def _sharded_scales(self, key: int) -> dict[int, list[torch.Tensor | None]]:
+        """The ``amax`` scales of a sharded run: the amax of each whole parameter, from one packed all-reduce
+        (``MAX``) of the shards' amaxes per sampled optimizer step. Every rank joins it with one entry per selected
+        parameter (0 where it owns no element), in the same order."""
+        import torch.distributed as dist
+
+        chosen = self._selected[key]
+        if not chosen:
+            return {}
+        local = []
+        for _, p in chosen:
+            owned = self._owns(p)
+            w = self._view(p, p.detach()) if owned else torch.zeros(0, dtype=p.dtype, device=p.device)
+            # NaN would not survive a MAX reduction everywhere: +inf gives the same (unscaled) grid.
+            local.append(torch.nan_to_num(_amax(w).to(torch.float64), nan=float("inf")))
+        amax = torch.stack(local).to(self._device())
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        out: dict[int, list[torch.Tensor | None]] = {}
+        for (_, p), a in zip(chosen, amax.unbind(), strict=True):
+            a = a.to(device=p.device, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+            out[id(p)] = [_scale_of(a, fmt) for fmt in self.formats]
+        return out
+
+    def _device(self) -> torch.device:
+        return next(iter(self._metrics.values())).device if self._metrics else torch.device("cpu")
 
     @staticmethod
     def _unapplied_grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
@@ -369,10 +433,14 @@ class QuantizationMonitor(Callback):
 
     def _compute_and_reset(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for key, metric in self._metrics.items():
+        local = [metric.sums() for metric in self._metrics.values()]
+        # Sharded: every rank holds the sums of its own elements; one packed SUM and one packed MAX all-reduce
+        # (see all_reduce_sums) make them global. Replicated (DDP): every rank already has the global numbers.
+        totals = all_reduce_sums(local) if self._sharded and local else local
+        for (key, metric), sums in zip(self._metrics.items(), totals, strict=True):
             family, fmt_name, param = key.split("|")
             # An empty window (e.g. the only step was skipped by AMP) logs the zero fractions of empty sums.
-            values = metric.compute() if metric.update_count else type(metric).compute_fn(metric.sums())
+            values = type(metric).compute_fn(sums)
             for stat, value in values.items():
                 if stat == "ulp_histogram":
                     if self.log_histogram and not param:
@@ -409,6 +477,95 @@ class QuantizationMonitor(Callback):
         self._pending.clear()
         self._stepping.clear()
         self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch.distributed not built
+        return False
+    return isinstance(t, DTensor)
+
+
+def _is_fsdp1_flattened(t: Any) -> bool:
+    """A FSDP1 ``FlatParameter`` or an original parameter that FSDP1 turned into a view of one (use_orig_params)."""
+    return bool(getattr(t, "_fsdp_flattened", False))
+
+
+def _is_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether parameters are sharded across ranks, from the strategy or the parameters (DTensor, FSDP1 flat
+    parameters). Decided from every parameter of the module, not the selection, so that all ranks agree."""
+    if trainer.world_size <= 1:
+        return False
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return True
+    return any(_is_dtensor(p) or _is_fsdp1_flattened(p) for p in pl_module.parameters())
+
+
+def _local_views(
+    trainer: pl.Trainer, params: Sequence[torch.Tensor], sharded: bool
+) -> dict[int, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """For a sharded run, which elements of each parameter (and of its gradient) this rank counts, so that every
+    element of the model is counted by exactly one rank:
+
+    - DTensor (FSDP2 / ``fully_shard``, tensor parallel): its ``to_local()`` shard, on the ranks whose coordinate is
+      0 along every mesh dimension where the parameter is replicated (e.g. HSDP's replica dimension);
+    - FSDP1 ``FlatParameter`` (``use_orig_params=False``): the local flat shard without its end padding;
+    - FSDP1 original parameters (``use_orig_params=True``): the local 1-D view FSDP gives them (possibly empty);
+    - anything else, and FSDP1 ``NO_SHARD`` parameters, are replicas: counted on global rank 0 alone. With FSDP1
+      hybrid sharding the replicas of one shard group are counted on the first node only.
+    """
+    if not sharded:
+        return {}
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    rank = trainer.global_rank
+    fsdp1 = isinstance(trainer.strategy, FSDPStrategy)
+    strategy = getattr(trainer.strategy, "sharding_strategy", None) if fsdp1 else None
+    strategy_name = getattr(strategy, "name", "FULL_SHARD")
+    replica0 = rank < max(trainer.world_size // max(trainer.num_nodes, 1), 1)
+    views: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+    for p in params:
+        view: Callable[[torch.Tensor], torch.Tensor] | None
+        if _is_dtensor(p):
+            coordinate = p.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+            replicated = [i for i, pl_ in enumerate(p.placements) if pl_.is_replicate()]  # type: ignore[attr-defined]
+            owner = coordinate is not None and all(coordinate[i] == 0 for i in replicated)
+            view = _to_local if owner else None
+        elif _is_fsdp1_flattened(p) and strategy_name != "NO_SHARD":
+            owner = replica0 if "HYBRID" in strategy_name else True
+            padded = int(getattr(p, "_shard_numel_padded", 0) or 0)
+            view = (_unpadded(p.numel() - padded) if padded else _identity) if owner else None
+        else:
+            view = _identity if rank == 0 else None
+        views[id(p)] = view
+    return views
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _to_local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _unpadded(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.reshape(-1)[:n]
+
+
+def _amax(w: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    if w.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=w.device)
+    return w.abs().amax().to(dtype)
+
+
+def _scale_of(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    # An all-zero (or non-finite) tensor has no meaningful amax: keep the unscaled grid for it.
+    return torch.where(torch.isfinite(amax) & (amax > 0), amax / fmt.max, torch.ones_like(amax))
 
 
 def _stepping_batches(trainer: pl.Trainer) -> int:

@@ -93,3 +93,42 @@ class SumsMetric(Metric):
             return {k: v for k, v in result.items() if v.ndim == 0}
 
         return self._plot(scalars(val) if isinstance(val, dict) else [scalars(v) for v in val], ax)
+
+
+def all_reduce_sums(sums: Sequence[Sums], group: Any = None) -> list[Sums]:
+    """Reduce every rank's ``sums`` (the states of several :class:`SumsMetric`, in the same order and with the same
+    names and shapes on every rank) over ``group``: at most two collectives for all of them together.
+
+    Every state but the ``*_max`` ones is packed, as float64, into one tensor that is all-reduced with ``SUM``; the
+    ``*_max`` states (non-negative maxima) go into a second tensor all-reduced with ``MAX``, only if there are any.
+    Counts travel as float64 (exact below 2**53 elements) and come back in their own dtype. A rank with nothing to
+    contribute passes the zeros of empty sums and still joins both collectives, so no rank waits for another.
+    The inputs are left untouched; the reduced sums are new tensors.
+    """
+    import torch.distributed as dist
+
+    parts: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    for s in sums:
+        for name, value in s.items():
+            parts[name.endswith("_max")].append(value.detach().reshape(-1).to(torch.float64))
+    reduced: dict[bool, torch.Tensor] = {}
+    for is_max, tensors in parts.items():
+        if not tensors:
+            continue
+        packed = torch.cat(tensors)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM, group=group)
+        reduced[is_max] = packed
+    offsets = {False: 0, True: 0}
+    out: list[Sums] = []
+    for s in sums:
+        result: Sums = {}
+        for name, value in s.items():
+            is_max = name.endswith("_max")
+            n = value.numel()
+            flat = reduced[is_max][offsets[is_max] : offsets[is_max] + n]
+            offsets[is_max] += n
+            if not value.dtype.is_floating_point:
+                flat = flat.round()
+            result[name] = flat.to(value.dtype).reshape(value.shape)
+        out.append(result)
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from altgrad_lightning.formats import FloatFormat
@@ -83,6 +85,22 @@ class UlpMovement(SumsMetric):
     update_fn = staticmethod(_ulp_update)
     compute_fn = staticmethod(_ulp_compute)
     uses_format = False
+
+    def __init__(self, fmt: None = None, **kwargs: Any) -> None:
+        # ULPs are counted in the tensors' own dtype: a format passed here would be silently ignored.
+        if fmt is not None:
+            raise ValueError(
+                "Expected argument `fmt` of UlpMovement to be None (ULPs are counted in the tensors' own dtype), "
+                f"but got {fmt!r}"
+            )
+        super().__init__(None, **kwargs)
+
+    def update(self, before: torch.Tensor, after: torch.Tensor, scale: ScaleLike = None) -> None:
+        """Add weights ``before`` and ``after`` one optimizer step (same dtype, shape and device)."""
+        if scale is not None:  # said here with what was passed; the base class would only say that it has no format
+            got = f"a tensor of shape {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else repr(scale)
+            raise ValueError(f"Expected argument `scale` of UlpMovement to be None (it has no format), but got {got}")
+        super().update(before, after)
 
 
 class GridFlips(SumsMetric):

@@ -1,0 +1,215 @@
+"""QuantizationMonitor with sharded parameters, on 2 CPU processes (gloo).
+
+FSDP2 (``fully_shard``, DTensor parameters) runs under Lightning's ``ModelParallelStrategy`` on CPU: each rank
+counts the elements of its own shards and the monitor reduces all its sums at a logging step with one packed SUM
+and one packed MAX all-reduce. A probe captures the whole tensors (``full_tensor()``) and what rank 0 logged must be
+the single-process numpy recomputation on them. FSDP1 (``FSDPStrategy``) is refused on CPU by Lightning 2.6
+("The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`"): its flat shards are not run
+here; the packed reduction itself is also tested on hand-made shards.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+from callback_helpers import (
+    CollectiveCounter,
+    FullTensorProbe,
+    TinyRegressor,
+    assert_matches,
+    csv_rows,
+    reference,
+)
+from lightning.pytorch.loggers import CSVLogger
+
+from altgrad_lightning import QuantizationMonitor
+from altgrad_lightning.metrics import GradientStiffness, GridAlignment, UlpMovement
+from altgrad_lightning.metrics._base import all_reduce_sums
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+FORMATS = ("float8_e4m3fn", "bfloat16")
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["NODE_RANK"] = "0"
+
+
+class ShardedRegressor(TinyRegressor):
+    """TinyRegressor with each Linear and the root wrapped by ``fully_shard``: on 2 ranks ``net.2`` (1 x 12 and
+    a bias of 1) is sharded along dim 0, so rank 1 holds empty shards of it."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        for module in self.net:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module)
+        fully_shard(self)
+
+
+def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    _env(rank, port)
+    torch.manual_seed(0)
+    monitors = [
+        QuantizationMonitor(formats=FORMATS, per_parameter=True),
+        QuantizationMonitor(formats=FORMATS, include=r"^net\.2\.", prefix="last"),  # rank 1 owns no element
+        QuantizationMonitor(formats=FORMATS, include="no_such_parameter", prefix="none"),
+    ]
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+        accelerator="cpu",
+        devices=2,
+        max_steps=4,
+        log_every_n_steps=2,  # logs at steps 1 and 3
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[*monitors, FullTensorProbe(save_dir=tmp_path), CollectiveCounter(save_dir=tmp_path)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ShardedRegressor())
+    shards = {n: tuple(p.to_local().shape) for n, p in trainer.lightning_module.named_parameters()}
+    with open(os.path.join(tmp_path, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump(
+            {
+                "warnings": [str(w.message) for w in caught if "QuantizationMonitor" in str(w.message)],
+                "sharded": [m._sharded for m in monitors],
+                "fused_steps": [m._fused_steps for m in monitors],
+                "shards": shards,
+            },
+            fh,
+        )
+
+
+def test_fsdp2_two_cpu_processes_log_the_global_values(tmp_path):
+    context = mp.start_processes(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    _join(context, tmp_path)
+
+    info = [pickle.load(open(tmp_path / f"rank{r}.pkl", "rb")) for r in (0, 1)]
+    assert info[0]["sharded"] == info[1]["sharded"] == [True, True, True]
+    assert info[0]["fused_steps"] == [0, 0, 0]
+    # The layout the test relies on: rank 1 holds empty shards of net.2.
+    assert info[0]["shards"]["net.2.weight"] == (1, 12) and info[1]["shards"]["net.2.weight"] == (0, 12)
+    assert info[0]["shards"]["net.0.weight"] == info[1]["shards"]["net.0.weight"] == (6, 6)
+    # The selection that matches nothing warns once, on rank 0 only.
+    assert sum("no_such_parameter" in w for w in info[0]["warnings"]) == 1
+    assert not any("no_such_parameter" in w for w in info[1]["warnings"])
+
+    steps = pickle.load(open(tmp_path / "probe_rank0.pkl", "rb"))["steps"]
+    steps1 = pickle.load(open(tmp_path / "probe_rank1.pkl", "rb"))["steps"]
+    assert len(steps) == len(steps1) == 4
+    for s0, s1 in zip(steps, steps1, strict=True):  # full tensors: the same on both ranks
+        assert all(np.array_equal(a, b) for a, b in zip(s0["w"], s1["w"], strict=True))
+    assert sum(a.size for a in steps[0]["w"]) == 97
+
+    rows = csv_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 3]
+    for row, window in zip(rows, (steps[0:2], steps[2:4]), strict=True):
+        assert_matches(row, reference(window, formats=FORMATS), what=row["step"])
+        last = [{**s, **{k: s[k][2:] for k in ("w", "g", "dtype", "w_after", "g_post")}} for s in window]
+        assert_matches(row, reference(last, formats=FORMATS, prefix="last"), what=("last", row["step"]))
+        for i, name in enumerate(window[0]["names"]):
+            one = [{**s, **{k: s[k][i : i + 1] for k in ("w", "g", "dtype", "w_after", "g_post")}} for s in window]
+            ref = {f"{k}/{name}": v for k, v in reference(one, formats=FORMATS).items()}
+            assert_matches(row, ref, what=(name, row["step"]))
+        assert row["none/float8_e4m3fn/grad_below_stiffness_frac"] == 0.0
+        assert row["none/ulp_mean"] == 0.0
+
+    # Two collectives (one SUM, one MAX) per monitor and logging step, on both ranks; nothing at other steps.
+    for r in (0, 1):
+        calls = pickle.load(open(tmp_path / f"collectives_rank{r}.pkl", "rb"))
+        assert all(name == "all_reduce" for _, name, _ in calls), calls
+        by_step = {}
+        for step, _, op in calls:
+            by_step.setdefault(step, []).append(op)
+        assert sorted(by_step) == [2, 4], calls  # global_step has advanced when on_train_batch_end runs
+        for ops in by_step.values():
+            assert len(ops) == 2 * 3 and sum("SUM" in op for op in ops) == 3 and sum("MAX" in op for op in ops) == 3
+
+
+def _join(context, tmp_path) -> None:
+    """Wait for both ranks; fail instead of hanging on a deadlock (the ranks are then killed)."""
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError(f"FSDP2 run did not finish within {TIMEOUT_S} s (deadlock?)")
+
+
+# --- the packed reduction on hand-made shards ------------------------------------------------------------------------
+
+
+def _reduction_worker(rank: int, port: int, tmp_path: str) -> None:
+    _env(rank, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(41, generator=g) * 3
+        grad = torch.randn(41, generator=g) * 1e-2
+        w[3], grad[5], w[7], w[33] = 0.0, float("nan"), 600.0, 1e-9
+        after = w + torch.randn(41, generator=g) * 1e-3
+        # Uneven shards, two "parameters" per rank: rank 0 holds [0, 17) and [17, 29), rank 1 [29, 41) and an empty
+        # piece (an empty shard still contributes its zero sums).
+        parts = ((0, 17), (17, 29)) if rank == 0 else ((29, 41), (41, 41))
+        metrics = [GradientStiffness("float8_e4m3fn"), GridAlignment("bfloat16"), UlpMovement()]
+        for lo, hi in parts:
+            metrics[0].update(w[lo:hi], grad[lo:hi])
+            metrics[1].update(w[lo:hi])
+            metrics[2].update(w[lo:hi], after[lo:hi])
+        local = [m.sums() for m in metrics]
+        before = [{k: v.clone() for k, v in sums.items()} for sums in local]
+        reduced = all_reduce_sums(local)
+        for sums, kept in zip(local, before, strict=True):  # the inputs are left untouched
+            assert all(torch.equal(v, kept[k]) for k, v in sums.items())
+        out = [type(m).compute_fn(s) for m, s in zip(metrics, reduced, strict=True)]
+        # The whole tensors in one process (no torchmetrics sync: every rank holds all of them here).
+        off = {"sync_on_compute": False}
+        single = [GradientStiffness("float8_e4m3fn", **off), GridAlignment("bfloat16", **off), UlpMovement(**off)]
+        single[0].update(w, grad)
+        single[1].update(w)
+        single[2].update(w, after)
+        expected = [m.compute() for m in single]
+        dtypes = [{k: v.dtype for k, v in s.items()} for s in reduced]
+        with open(os.path.join(tmp_path, f"reduce{rank}.pkl"), "wb") as fh:
+            pickle.dump({"out": out, "expected": expected, "dtypes": dtypes}, fh)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_packed_all_reduce_of_uneven_shards_equals_one_process(tmp_path):
+    mp.spawn(_reduction_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for r in (0, 1):
+        res = pickle.load(open(tmp_path / f"reduce{r}.pkl", "rb"))
+        assert res["dtypes"][0]["n_total"] == torch.int64 and res["dtypes"][1]["err_max"] == torch.float64
+        for got, want in zip(res["out"], res["expected"], strict=True):
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0, msg=k)
