@@ -173,9 +173,10 @@ class QuantizationMonitor(Callback):
         return self._generate_state_key(prefix=self.prefix, formats=[f.name for f in self.formats])
 
     # --- metric bookkeeping --------------------------------------------------------------------------------------
-    def _key(self, family: str, fmt: FloatFormat | None, param: str | None = None) -> str:
-        parts = [family, "" if fmt is None else fmt.name, param or ""]
-        return "|".join(parts)
+    def _key(self, family: str, fmt: FloatFormat | str | None, param: str | None = None) -> str:
+        """Metric key: family, format name ("" for ULP) and parameter name ("" for the aggregate)."""
+        fmt_name = fmt.name if isinstance(fmt, FloatFormat) else (fmt or "")
+        return "|".join([family, fmt_name, param or ""])
 
     def _metric(self, family: str, fmt: FloatFormat | None, param: str) -> list[SumsMetric]:
         """The aggregate metric and, with ``per_parameter``, the parameter's own."""
@@ -324,7 +325,7 @@ class QuantizationMonitor(Callback):
     ) -> None:
         for family, by_format in sums.items():
             for fmt_name, family_sums in by_format.items():
-                metric = self._metrics["|".join([family, fmt_name, ""])]  # the aggregate metric (see _key)
+                metric = self._metrics[self._key(family, fmt_name)]  # the aggregate metric
                 metric.accumulate(_masked(family_sums, taken) if family in ("ulp", "flips") else family_sums)
 
     def on_train_batch_end(

@@ -30,6 +30,7 @@ import torch
 
 from altgrad_lightning.formats import FloatFormat
 from altgrad_lightning.functional._reduce import Sums
+from altgrad_lightning.functional.ulp import _FINE_BINS
 from altgrad_lightning.quantize import compute_dtype
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs take the reference path.
@@ -472,8 +473,6 @@ def _reduce_rows(part: torch.Tensor, max_cols: tuple[int, ...]) -> torch.Tensor:
 
 
 def _fine_hist(hist: torch.Tensor) -> torch.Tensor:
-    from altgrad_lightning.functional.ulp import _FINE_BINS
-
     out = torch.zeros(_FINE_BINS, dtype=torch.int64, device=hist.device)
     out[:_HIST_BINS] = hist
     return out
