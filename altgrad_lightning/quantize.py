@@ -80,12 +80,13 @@ def check_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor | None:
     (see :func:`compute_dtype`); a float64 tensor scale is used as it is.
 
     A tensor must be floating point, on ``like``'s device and broadcastable to ``like``: only these static facts
-    are checked everywhere. Its values are checked (zero, negative, NaN and ±inf entries raise ``ValueError``) only
-    for a CPU tensor outside ``torch.compile``: on an accelerator reading them would be a host synchronisation, and
-    under ``torch.compile`` a data-dependent branch breaks the graph. Where they are not checked, every invalid entry
-    is replaced by NaN, so each element it scales comes out NaN (quantize, stiffness, grid error, grid steps) and
-    the statistics count it as unrepresentable (grid alignment) or non-finite (flips), or return NaN (gradient
-    stiffness), never a plausible wrong number.
+    are checked everywhere. A NaN entry is the "no scale" of float8_e8m0fnu (an MX block holding NaN or ±inf, see
+    :func:`~altgrad_lightning.scaling.mx_scale`) and is accepted: each element it scales comes out NaN (quantize,
+    stiffness, grid error, grid steps) and the statistics count it as unrepresentable (grid alignment) or
+    non-finite (flips), or return NaN (gradient stiffness), never a plausible wrong number. Zero, negative and
+    ±inf entries are errors; they are checked (``ValueError``) only for a CPU tensor outside ``torch.compile``: on
+    an accelerator reading them would be a host synchronisation, and under ``torch.compile`` a data-dependent branch
+    breaks the graph. Where they are not checked they are replaced by NaN, with the consequences above.
     """
     if scale is None:
         return None
@@ -116,10 +117,10 @@ def check_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor | None:
             f"but got shape {tuple(scale.shape)}"
         )
     if scale.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        if not bool(((scale > 0) & (scale < float("inf")) | torch.isnan(scale)).all()):
             raise ValueError(
-                "Expected argument `scale` to hold positive finite values, but it holds zero, negative or non-finite "
-                "ones"
+                "Expected argument `scale` to hold positive finite values (or NaN, the e8m0 code for no scale), but "
+                "it holds zero, negative or infinite ones"
             )
         return scale
     return torch.where((scale > 0) & (scale < float("inf")), scale, float("nan"))
@@ -222,7 +223,7 @@ def quantize(
         fmt: a :class:`~altgrad_lightning.FloatFormat`, a format name or a ``torch.dtype``.
         scale: optional positive scale. A Python number is validated here, a tensor's values only on CPU outside
             ``torch.compile`` (elsewhere that would synchronise or break the graph): there a zero, negative or
-            non-finite entry makes every element it scales NaN.
+            infinite entry makes every element it scales NaN, as a NaN entry (e8m0's NaN) does everywhere.
         rounding: ``"nearest"``, ``"stochastic"`` or ``"toward_zero"``.
         saturate: overflow behaviour, see above.
         generator: ``torch.Generator`` on ``x``'s device for ``rounding="stochastic"``.

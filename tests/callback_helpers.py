@@ -34,6 +34,9 @@ NP_FORMATS: dict[str, np.dtype] = {
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
+    "float6_e2m3fn": np.dtype(ml_dtypes.float6_e2m3fn),
+    "float6_e3m2fn": np.dtype(ml_dtypes.float6_e3m2fn),
+    "float4_e2m1fn": np.dtype(ml_dtypes.float4_e2m1fn),
 }
 
 STIFFNESS_STATS = (

@@ -262,6 +262,7 @@ def frac(mask: np.ndarray, within: np.ndarray | None = None) -> float:
         mask = mask[within]
     return float(np.count_nonzero(mask)) / mask.size if mask.size else 0.0
 
+
 #: float32 values at the edges the property tests must hit: zeros, ties and binade edges of the FP8 grids, their max
 #: and overflow points, float32 subnormals and max, and the non-finite values.
 BOUNDARY_FLOATS: tuple[float, ...] = (

@@ -265,7 +265,7 @@ def test_selection_matching_nothing_warns_and_trains(tmp_path):
         ({"exclude": [3]}, ValueError, "`exclude`"),
         ({"every_n_steps": 0}, ValueError, "`every_n_steps`"),
         ({"every_n_steps": 1.5}, ValueError, "`every_n_steps`"),
-        ({"scaling": "mx"}, ValueError, "`scaling`"),
+        ({"scaling": "mxfp8"}, ValueError, "`scaling`"),
         ({"prefix": ""}, ValueError, "`prefix`"),
         ({"per_parameter": "yes"}, ValueError, "`per_parameter`"),
     ],

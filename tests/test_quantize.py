@@ -845,7 +845,7 @@ def test_scale_tensor_broadcasts_per_row_and_column() -> None:
         (0, ValueError),
         (torch.tensor([1.0, 0.0]), ValueError),
         (torch.tensor([[1.0], [-2.0]]), ValueError),
-        (torch.tensor([1.0, float("nan")]), ValueError),
+        (torch.tensor([1.0, float("inf")]), ValueError),
         (torch.ones(3), ValueError),  # does not broadcast to (2, 2)
         (torch.tensor([1, 2]), TypeError),
         ("2", TypeError),
@@ -854,13 +854,25 @@ def test_scale_tensor_broadcasts_per_row_and_column() -> None:
     ],
 )
 def test_bad_scale(scale, error: type) -> None:
-    """Zero, negative, NaN or inf scales, a non-broadcasting shape, an integer tensor and non-numbers are refused,
+    """Zero, negative, NaN or inf scales (a tensor's NaN entries are e8m0's NaN, accepted: see
+    test_nan_tensor_scale_entries_give_nan), a non-broadcasting shape, an integer tensor and non-numbers are refused,
     naming `scale`, by both quantize and code_index."""
     x = torch.ones(2, 2)
     with pytest.raises(error, match="`scale`"):
         quantize(x, "e4m3", scale=scale)
     with pytest.raises(error, match="`scale`"):
         code_index(x, "e4m3", scale=scale)
+
+
+def test_nan_tensor_scale_entries_give_nan() -> None:
+    """A NaN entry of a tensor scale (float8_e8m0fnu's NaN, what mx_scale gives a block holding NaN or inf) makes
+    exactly the elements it scales NaN, on CPU as on accelerators."""
+    x = torch.tensor([[1.0, 3.0], [-0.5, 2.0]])
+    scale = torch.tensor([[1.0], [float("nan")]])
+    got = quantize(x, "e4m3", scale=scale)
+    assert got[0].tolist() == [1.0, 3.0]
+    assert torch.isnan(got[1]).all()
+    assert torch.isnan(code_index(x, "e4m3", scale=scale)[1]).all()
 
 
 # --- 9. bad arguments ------------------------------------------------------------------------------------------

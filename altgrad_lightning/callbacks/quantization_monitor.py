@@ -18,6 +18,7 @@ from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums
+from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale
 
 __all__ = ["QuantizationMonitor"]
 
@@ -28,7 +29,7 @@ _FAMILIES: dict[str, type[SumsMetric]] = {
     "ulp": UlpMovement,
     "flips": GridFlips,
 }
-_SCALINGS = ("none", "amax")
+_SCALINGS = ("none", "amax", "mx")
 
 
 class QuantizationMonitor(Callback):
@@ -64,9 +65,15 @@ class QuantizationMonitor(Callback):
             ``trainer.global_step``); other steps cost nothing. With several optimizers stepping in one batch (manual
             optimization), the sampled batches measure every optimizer, where ``global_step``, which counts each
             optimizer's steps, would keep sampling the same one.
-        scaling: ``"none"``, or ``"amax"`` for the grid an FP8 recipe with current per-tensor scaling would use:
-            ``scale = amax(|w|) / fmt.max`` per parameter and format. Flips use the scale of the weights before
-            the step on both sides, so a flip is movement of the weight, not of the scale.
+        scaling: ``"none"``; ``"amax"`` for the grid an FP8 recipe with current per-tensor scaling would use:
+            ``scale = amax(|w|) / fmt.max`` per parameter and format; or ``"mx"`` for OCP Microscaling (MX v1.0):
+            blocks of ``block_size`` elements along each parameter's last dimension share a float8_e8m0fnu scale
+            ``2**(floor(log2(amax_block)) - fmt.emax)`` (:func:`~altgrad_lightning.scaling.mx_scale`), so
+            ``formats=["float8_e4m3fn", "float4_e2m1fn"]`` with ``scaling="mx"`` measures MXFP8 and MXFP4. Flips
+            use the scales of the weights before the step on both sides, so a flip is movement of the weight, not
+            of the scale. ``"mx"`` is not available with sharded parameters (FSDP, ``ModelParallelStrategy``) yet:
+            a shard need not hold whole blocks.
+        block_size: elements per MX block (``scaling="mx"`` only; default 32, as MXFP8/MXFP6/MXFP4).
         prefix: first component of every key.
         log_histogram: log the ULP-movement histogram as fractions per log2 bucket.
         fused: on CUDA with Triton, compute every diagnostic of every format in two fused kernels per format over
@@ -82,7 +89,9 @@ class QuantizationMonitor(Callback):
     - ``{prefix}/{fmt}/grid_error_mean``, ``grid_error_max``, ``grid_error_std``, ``on_grid_frac``,
       ``overflow_frac``, ``underflow_frac``, ``grid_nonfinite_frac``, ``unrepresentable_frac`` (``"grid"``)
     - ``{prefix}/{fmt}/flip_frac``, ``update_stall_frac``, ``updated_frac``, ``grid_steps_mean``,
-      ``flip_nonfinite_frac`` (``"flips"``)
+      ``flip_nonfinite_frac``, and what stochastic rounding would buy: ``sr_update_stall_frac``,
+      ``update_norm_retained``, ``sr_update_norm_retained`` (``"flips"``; see
+      :func:`~altgrad_lightning.functional.flip_statistics`)
     - ``{prefix}/ulp_mean``, ``ulp_median``, ``ulp_max``, ``ulp_zero_frac``, ``ulp_nonfinite_frac`` and, with
       ``log_histogram``, ``{prefix}/ulp_hist/{bucket}`` (bucket ``0``, ``1``, ``2-3``, ``4-7``, ...) (``"ulp"``,
       in the weights' own storage dtype)
@@ -103,6 +112,7 @@ class QuantizationMonitor(Callback):
         per_parameter: bool = False,
         every_n_steps: int = 1,
         scaling: str = "none",
+        block_size: int = 32,
         prefix: str = "altgrad",
         log_histogram: bool = True,
         fused: bool = True,
@@ -139,6 +149,7 @@ class QuantizationMonitor(Callback):
         self.per_parameter = per_parameter
         self.every_n_steps = every_n_steps
         self.scaling = scaling
+        self.block_size = _check_block_size(block_size)
         self.prefix = prefix
         if not isinstance(log_histogram, bool):
             raise TypeError(f"Expected argument `log_histogram` to be a bool, but got {log_histogram!r}")
@@ -217,6 +228,11 @@ class QuantizationMonitor(Callback):
             self._selected[id(optimizer)] = chosen
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
         self._sharded = _is_sharded(trainer, pl_module)
+        if self._sharded and self.scaling == "mx":
+            raise ValueError(
+                "QuantizationMonitor(scaling='mx') does not support sharded parameters (FSDP, ModelParallelStrategy) "
+                "yet: a shard need not hold whole MX blocks. Use scaling='amax' or 'none' there."
+            )
         self._rank = trainer.global_rank
         self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
         self._fused_passes = {}
@@ -396,7 +412,9 @@ class QuantizationMonitor(Callback):
     def _scale(self, w: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
         if self.scaling == "none":
             return None
-        return _scale_of(_amax(w), fmt)
+        if self.scaling == "mx":
+            return _mx_scale(w, fmt, self.block_size)
+        return _amax_scale(_amax(w), fmt)
 
     def _sharded_scales(self, key: int) -> dict[int, list[torch.Tensor | None]]:
         """The ``amax`` scales of a sharded run: the amax of each whole parameter, from one packed all-reduce
@@ -418,7 +436,7 @@ class QuantizationMonitor(Callback):
         out: dict[int, list[torch.Tensor | None]] = {}
         for (_, p), a in zip(chosen, amax.unbind(), strict=True):
             a = a.to(device=p.device, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-            out[id(p)] = [_scale_of(a, fmt) for fmt in self.formats]
+            out[id(p)] = [_amax_scale(a, fmt) for fmt in self.formats]
         return out
 
     def _device(self) -> torch.device:
@@ -555,18 +573,6 @@ def _to_local(t: torch.Tensor) -> torch.Tensor:
 
 def _unpadded(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t.reshape(-1)[:n]
-
-
-def _amax(w: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    if w.numel() == 0:
-        return torch.zeros((), dtype=dtype, device=w.device)
-    return w.abs().amax().to(dtype)
-
-
-def _scale_of(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    # An all-zero (or non-finite) tensor has no meaningful amax: keep the unscaled grid for it.
-    return torch.where(torch.isfinite(amax) & (amax > 0), amax / fmt.max, torch.ones_like(amax))
 
 
 def _stepping_batches(trainer: pl.Trainer) -> int:

@@ -55,7 +55,17 @@ _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 
 _STIFF_COLS = ("n_valid", "n_zero_weight", "n_below", "sum_ratio", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
 _GRID_COLS = ("n_valid", "n_on_grid", "n_overflow", "n_underflow", "sum_err", "sum_err_sq", "err_max")
 _ULP_COLS = ("n_valid", "n_zero", "sum_ulp", "ulp_max")
-_FLIP_COLS = ("n_valid", "n_updated", "n_flip", "n_stall", "sum_steps")
+_FLIP_COLS = (
+    "n_valid",
+    "n_updated",
+    "n_flip",
+    "n_stall",
+    "sum_steps",
+    "sum_sr_move",
+    "sum_update_sq",
+    "sum_nearest_sq",
+    "sum_sr_sq",
+)
 
 
 def fused_format_supported(fmt: FloatFormat) -> bool:
@@ -81,6 +91,7 @@ def fused_supported(params: Sequence[torch.Tensor], formats: Sequence[FloatForma
 
 
 if HAS_TRITON:
+
     @triton.jit
     def _floor_log2_f32(a):
         # Exponent field of float32 minus the bias; float32 subnormals give -127, below every supported emin.
@@ -267,6 +278,11 @@ if HAS_TRITON:
         f_flip = izero
         f_stall = izero
         f_steps = lzero
+        fzero = tl.zeros((BLOCK,), tl.float64)
+        f_move = fzero
+        f_dd = fzero
+        f_near = fzero
+        f_sr = fzero
         hist = tl.zeros((WINDOW,), tl.int32)
         lo = 1
         if DO_ULP and HIST:
@@ -303,14 +319,30 @@ if HAS_TRITON:
                 u_sum += d
                 u_max = tl.maximum(u_max, d)
             if DO_FLIPS:
-                ib = _grid_index(_round_to_grid(ab, EMIN, M, P2M, FMAX), EMIN, M, P2M)
-                iw = _grid_index(_round_to_grid(aw, EMIN, M, P2M, FMAX), EMIN, M, P2M)
+                qb = _round_to_grid(ab, EMIN, M, P2M, FMAX)
+                qw = _round_to_grid(aw, EMIN, M, P2M, FMAX)
+                ib = _grid_index(qb, EMIN, M, P2M)
+                iw = _grid_index(qw, EMIN, M, P2M)
                 steps = tl.where(valid, tl.abs(tl.where(w < 0, -iw, iw) - tl.where(b < 0, -ib, ib)), 0)
                 updated = valid & (w != b)
                 f_upd += updated.to(tl.int32)
                 f_flip += (steps != 0).to(tl.int32)
                 f_stall += (updated & (steps == 0)).to(tl.int32)
                 f_steps += steps.to(tl.int64)
+                # Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update d = w - b.
+                d = w.to(tl.float64) - b.to(tl.float64)  # exact
+                vb = tl.where(b < 0, -qb, qb).to(tl.float64)
+                eb = tl.maximum(_floor_log2_f32(qb), EMIN)
+                toward = (qb != 0.0) & ((d < 0) != (b < 0))
+                half = toward & (eb > EMIN) & (qb == _pow2_f32(eb))  # a power of two, moving toward zero
+                inv_gap = tl.where(half, _pow2_f64(M + 1 - eb), _pow2_f64(M - eb))
+                p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(d) * inv_gap, 1.0))
+                e_sr = tl.minimum(tl.maximum(vb + d, -FMAX), FMAX) - vb
+                m_near = tl.where(w < 0, -qw, qw).to(tl.float64) - vb
+                f_move += tl.where(updated, p_move, 0.0)
+                f_dd += tl.where(updated, d * d, 0.0)
+                f_near += tl.where(updated, m_near * m_near, 0.0)
+                f_sr += tl.where(updated, e_sr * e_sr, 0.0)
         row = part_ptr + pid * N_COLS
         n_valid = tl.sum(u_valid).to(tl.float64)
         if DO_ULP:
@@ -328,6 +360,10 @@ if HAS_TRITON:
             tl.store(row + 2, tl.sum(f_flip).to(tl.float64))
             tl.store(row + 3, tl.sum(f_stall).to(tl.float64))
             tl.store(row + 4, tl.sum(f_steps).to(tl.float64))
+            tl.store(row + 5, tl.sum(f_move))
+            tl.store(row + 6, tl.sum(f_dd))
+            tl.store(row + 7, tl.sum(f_near))
+            tl.store(row + 8, tl.sum(f_sr))
 
 
 class FusedPass:
