@@ -19,7 +19,9 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``nosnap``: ``m1`` with ``diagnostics=("stiffness", "grid")`` (no snapshot of the weights);
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
 - ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (default on
-  CUDA only: elsewhere the fused path does not apply and ``m1ref`` equals ``m1``).
+  CUDA only: elsewhere the fused path does not apply and ``m1ref`` equals ``m1``);
+- ``amax``, ``mx``: ``m1`` with ``scaling="amax"`` (per-tensor current scaling) and ``scaling="mx"`` (MX blocks of
+  32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``).
 
 Method:
 
@@ -352,6 +354,14 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
                 "m1ref",
                 "QuantizationMonitor, 1 format, fused=False",
                 lambda: QuantizationMonitor(formats=f1, fused=False),
+            )
+        )
+    for scaling in ("amax", "mx"):
+        out.append(
+            Variant(
+                scaling,
+                f"QuantizationMonitor, 1 format, scaling={scaling}",
+                lambda scaling=scaling: QuantizationMonitor(formats=f1, scaling=scaling),
             )
         )
     out += [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import math
 import os
 import pickle
 from collections.abc import Iterable, Sequence
@@ -201,9 +202,14 @@ def fit(tmp_path, monitor, model=None, max_steps=12, log_every_n_steps=1, **trai
 
 
 def csv_rows(tmp_path, name: str = "csv") -> list[dict[str, float]]:
+    """The CSV's rows merged per ``step``, in order: each monitor (and Lightning itself) writes its own row."""
     (path,) = glob.glob(os.path.join(tmp_path, name, "*", "metrics.csv"))
+    merged: dict[float, dict[str, float]] = {}
     with open(path) as fh:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+        for row in csv.DictReader(fh):
+            values = {k: float(v) for k, v in row.items() if v != ""}
+            merged.setdefault(values.get("step", math.nan), {}).update(values)
+    return list(merged.values())
 
 
 def tensorboard_scalars(tmp_path) -> dict[str, list[tuple[int, float]]]:

@@ -89,7 +89,7 @@ def test_fused_pass_equals_reference_sums(diagnostics):
     gs = [d[1].to(DEVICE) for d in data]
     afters = [d[2].to(DEVICE) for d in data]
     params = [w.clone() for w in ws]
-    fused = FusedPass(params, fmts, diagnostics)
+    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True)
     before = fused.before(gs, None)
     for p, a in zip(params, afters, strict=True):  # the optimizer step, in place as optimizers do
         p.copy_(a)
@@ -100,6 +100,13 @@ def test_fused_pass_equals_reference_sums(diagnostics):
         assert got.get(family, {}).keys() == ref[family].keys(), family
         for key in ref[family]:
             _assert_sums_equal(got[family][key], ref[family][key], f"{family}/{key}")
+    if "flips" in diagnostics:  # each parameter's [n_updated, n_stall], for stall alerts
+        for fmt in fmts:
+            per_param = [_flip_update(w, a, fmt) for w, a in zip(ws, afters, strict=True)]
+            expected = [[float(s["n_updated"]), float(s["n_stall"])] for s in per_param]
+            assert fused.stall_counts[fmt.name].tolist() == expected, fmt.name
+    else:
+        assert fused.stall_counts == {}
     if {"ulp", "flips"} & set(diagnostics):
         for i, w in enumerate(ws):  # bitwise: NaN payloads too
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))

@@ -76,6 +76,13 @@ class QuantizationMonitor(Callback):
         block_size: elements per MX block (``scaling="mx"`` only; default 32, as MXFP8/MXFP6/MXFP4).
         prefix: first component of every key.
         log_histogram: log the ULP-movement histogram as fractions per log2 bucket.
+        stall_threshold: alert level for ``update_stall_frac`` (needs ``"flips"``), a fraction in (0, 1]. At each
+            logging step, for every format, the monitor logs ``{prefix}/{fmt}/stall_alert`` (1.0 when the window's
+            overall stall fraction or that of any selected parameter exceeds the threshold, else 0.0; also in
+            ``trainer.callback_metrics``, so ``EarlyStopping(monitor=..., mode="min", divergence_threshold=0.5)``
+            or ``ModelCheckpoint`` can act on it) and warns once on rank 0 naming the parameters above it (each
+            parameter and format is named once per fit). Per-parameter counts cost two numbers per parameter and
+            format, not the ``per_parameter`` keys.
         fused: on CUDA with Triton, compute every diagnostic of every format in two fused kernels per format over
             all parameters of an optimizer (about 20 bytes of memory traffic per float32 parameter and step)
             instead of dozens of kernels per parameter. Same numbers (tested equal); applies to contiguous float32
@@ -95,6 +102,7 @@ class QuantizationMonitor(Callback):
     - ``{prefix}/ulp_mean``, ``ulp_median``, ``ulp_max``, ``ulp_zero_frac``, ``ulp_nonfinite_frac`` and, with
       ``log_histogram``, ``{prefix}/ulp_hist/{bucket}`` (bucket ``0``, ``1``, ``2-3``, ``4-7``, ...) (``"ulp"``,
       in the weights' own storage dtype)
+    - ``{prefix}/{fmt}/stall_alert`` with ``stall_threshold``
     - ``{prefix}/skipped_steps``: optimizer steps skipped by the AMP scaler since the previous log
     - with ``per_parameter``, each of the above (but the histogram) again with ``/{parameter_name}`` appended
 
@@ -115,6 +123,7 @@ class QuantizationMonitor(Callback):
         block_size: int = 32,
         prefix: str = "altgrad",
         log_histogram: bool = True,
+        stall_threshold: float | None = None,
         fused: bool = True,
     ) -> None:
         # A lone format, or a lone non-format (e.g. 8) that get_format below rejects naming `formats`.
@@ -154,6 +163,25 @@ class QuantizationMonitor(Callback):
         if not isinstance(log_histogram, bool):
             raise TypeError(f"Expected argument `log_histogram` to be a bool, but got {log_histogram!r}")
         self.log_histogram = log_histogram
+        if stall_threshold is not None:
+            if isinstance(stall_threshold, bool) or not isinstance(stall_threshold, (int, float)):
+                raise TypeError(
+                    f"Expected argument `stall_threshold` to be None or a float, but got {stall_threshold!r}"
+                )
+            if not 0 < stall_threshold <= 1:
+                raise ValueError(f"Expected argument `stall_threshold` to lie in (0, 1], but got {stall_threshold!r}")
+            if "flips" not in self.diagnostics:
+                raise ValueError(
+                    "Expected argument `stall_threshold` to come with the 'flips' diagnostic (it watches "
+                    f"update_stall_frac), but got diagnostics={list(self.diagnostics)}"
+                )
+        self.stall_threshold = None if stall_threshold is None else float(stall_threshold)
+        # Alerts: per selected parameter and format, the window's [n_updated, n_stall] (rows in selection order).
+        self._param_names: list[str] = []
+        self._param_row: dict[int, int] = {}  # id(parameter) -> row
+        self._stall_counts: dict[str, torch.Tensor] = {}
+        self._window_stalls: dict[str, torch.Tensor] = {}  # the last logged window's counts (reduced when sharded)
+        self._stall_warned: set[tuple[str, str]] = set()  # (format, parameter) already named in a warning
         if not isinstance(fused, bool):
             raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
         self.fused = fused
@@ -243,7 +271,7 @@ class QuantizationMonitor(Callback):
                 if any(_is_dtensor(p) for p in params):
                     continue
                 if fused_supported(params, self.formats, scaled=self.scaling != "none"):
-                    self._fused_passes[key] = FusedPass(params, self.formats, self.diagnostics)
+                    self._fused_passes[key] = self._new_fused_pass(params)
         if not selected_names:
             rank_zero_warn(
                 f"QuantizationMonitor: no trainable parameter matches include={self.include} "
@@ -252,6 +280,15 @@ class QuantizationMonitor(Callback):
         bits = [p.element_size() * 8 for ps in self._selected.values() for _, p in ps]
         self._hist_buckets = 1 + max(bits, default=0)
         self._build_metrics(dict.fromkeys(selected_names), pl_module.device)
+        chosen_all = [(n, p) for ps in self._selected.values() for n, p in ps]
+        self._param_names = [n for n, _ in chosen_all]
+        self._param_row = {id(p): i for i, (_, p) in enumerate(chosen_all)}
+        self._stall_counts = {}
+        if self.stall_threshold is not None:
+            self._stall_counts = {
+                f.name: torch.zeros((len(chosen_all), 2), dtype=torch.float64, device=pl_module.device)
+                for f in self.formats
+            }
         if self._restored is not None:
             self._apply_restored(self._restored)
             self._restored = None
@@ -308,6 +345,11 @@ class QuantizationMonitor(Callback):
         if isinstance(pending, FusedPass):
             with torch.no_grad():
                 self._accumulate_fused(pending.after(), taken)
+                if self._stall_counts:
+                    rows = torch.tensor([self._param_row[id(p)] for p in pending.params], device=self._device())
+                    for fmt_name, counts in pending.stall_counts.items():
+                        counts = counts if taken is None else torch.where(taken, counts, torch.zeros_like(counts))
+                        self._stall_counts[fmt_name].index_add_(0, rows, counts)
             return
         with torch.no_grad():
             for name, p, before, scales in pending:
@@ -317,8 +359,17 @@ class QuantizationMonitor(Callback):
                         m.accumulate(_masked(m.sums_of(before, w), taken))
                 if "flips" in self.diagnostics:
                     for fmt, scale in zip(self.formats, scales, strict=False):
-                        for m in self._metric("flips", fmt, name):
-                            m.accumulate(_masked(m.sums_of(before, w, scale), taken))
+                        metrics = self._metric("flips", fmt, name)
+                        sums = _masked(metrics[0].sums_of(before, w, scale), taken)
+                        for m in metrics:
+                            m.accumulate(sums)
+                        if self._stall_counts:
+                            row = self._param_row[id(p)]
+                            counts = torch.stack([sums["n_updated"], sums["n_stall"]]).to(torch.float64)
+                            self._stall_counts[fmt.name][row] += counts
+
+    def _new_fused_pass(self, params: Sequence[torch.Tensor]) -> FusedPass:
+        return FusedPass(params, self.formats, self.diagnostics, per_parameter_stalls=self.stall_threshold is not None)
 
     def _fused_before(self, key: int, grad_scale: torch.Tensor | None) -> bool:
         """Run the fast path's ``before`` half for this optimizer, if it applies to this step's gradients."""
@@ -326,7 +377,7 @@ class QuantizationMonitor(Callback):
         if fused is None:
             return False
         if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
-            fused = self._fused_passes[key] = FusedPass(fused.params, self.formats, self.diagnostics)
+            fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
         grads = [p.grad for p in fused.params]
         if not FusedPass.grads_supported(fused.params, grads):  # e.g. a parameter without gradient at this step
             return False
@@ -356,7 +407,54 @@ class QuantizationMonitor(Callback):
         # the window's earlier steps.
         accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
         if trainer._logger_connector.should_update_logs and not accumulating:
-            pl_module.log_dict(_to_host(self._compute_and_reset()), on_step=True, on_epoch=False, batch_size=1)
+            values = _to_host(self._compute_and_reset())
+            if self.stall_threshold is not None:
+                values.update(self._alerts(values))
+            self._log(trainer, values)
+
+    def _alerts(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ``stall_alert`` flags of the window just computed, and the once-per-parameter warning (rank 0)."""
+        assert self.stall_threshold is not None
+        threshold = self.stall_threshold
+        host = {name: c.cpu() for name, c in self._window_stalls.items()}  # one small transfer per format
+        out = {}
+        for fmt in self.formats:
+            overall = float(values[f"{self.prefix}/{fmt.name}/update_stall_frac"])
+            counts = host.get(fmt.name)
+            above: list[tuple[str, float]] = []
+            if counts is not None:
+                for name, (updated, stalled) in zip(self._param_names, counts.tolist(), strict=True):
+                    if updated > 0 and stalled / updated > threshold:
+                        above.append((name, stalled / updated))
+            out[f"{self.prefix}/{fmt.name}/stall_alert"] = torch.tensor(
+                float(overall > threshold or bool(above)), dtype=torch.float64
+            )
+            new = [(n, f) for n, f in above if (fmt.name, n) not in self._stall_warned]
+            if new:
+                self._stall_warned.update((fmt.name, n) for n, _ in new)
+                shown = ", ".join(f"{n} ({f:.3f})" for n, f in new[:10])
+                more = f" and {len(new) - 10} more" if len(new) > 10 else ""
+                rank_zero_warn(
+                    f"QuantizationMonitor: {fmt.name} would swallow more than stall_threshold={threshold} of the "
+                    f"updates of {shown}{more} (update_stall_frac of the window; the whole selection: {overall:.3f})."
+                )
+        return out
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+        """Hand the window's values to every logger, and to ``trainer.callback_metrics`` for monitoring callbacks.
+
+        Straight to the loggers, at the step Lightning itself logs this batch under, as Lightning's own
+        ``LearningRateMonitor`` does: ``LightningModule.log`` costs about 0.3 ms of Python per key and step (some
+        25 ms for the ~80 keys of two formats), more than the whole diagnostic pass on a GPU. ``EarlyStopping`` and
+        ``ModelCheckpoint`` read ``trainer.callback_metrics``, which gets the same values as 0-d tensors.
+        """
+        if not values:
+            return
+        step = _stepping_batches(trainer)  # Lightning's logging step for this batch (incremented after the batch)
+        scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
+        for logger in trainer.loggers:  # rank-zero-only methods: other ranks log nothing
+            logger.log_metrics(scalars, step=step)
+        trainer.callback_metrics.update(values)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -372,6 +470,8 @@ class QuantizationMonitor(Callback):
         return {
             "skipped_steps": self._skipped_steps + self._skipped_device_count(),
             "metrics": {key: {k: v.detach().cpu() for k, v in m.sums().items()} for key, m in self._metrics.items()},
+            "stall_counts": {name: c.detach().cpu() for name, c in self._stall_counts.items()},
+            "stall_warned": sorted(self._stall_warned),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -384,6 +484,7 @@ class QuantizationMonitor(Callback):
     def _apply_restored(self, state: dict[str, Any]) -> None:
         self._skipped_steps = int(state.get("skipped_steps", 0))
         self._skipped_on_device = None
+        self._stall_warned = {(f, n) for f, n in state.get("stall_warned", [])}
         # Sharded: the checkpoint holds one rank's local sums (rank 0 writes it). Restoring them on every rank would
         # count them once per rank: rank 0 alone takes them (the other ranks' share of that window is lost).
         if self._sharded and self._rank != 0:
@@ -393,6 +494,9 @@ class QuantizationMonitor(Callback):
             if metric is not None:
                 metric.reset()
                 metric.accumulate({k: v.to(metric.device) for k, v in sums.items()})
+        for name, counts in state.get("stall_counts", {}).items():
+            if name in self._stall_counts and counts.shape == self._stall_counts[name].shape:
+                self._stall_counts[name] = counts.to(self._stall_counts[name].device)
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _is_selected(self, name: str) -> bool:
@@ -453,9 +557,13 @@ class QuantizationMonitor(Callback):
     def _compute_and_reset(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         local = [metric.sums() for metric in self._metrics.values()]
+        stalls = [{"counts": c} for c in self._stall_counts.values()]
         # Sharded: every rank holds the sums of its own elements; one packed SUM and one packed MAX all-reduce
         # (see all_reduce_sums) make them global. Replicated (DDP): every rank already has the global numbers.
-        totals = all_reduce_sums(local) if self._sharded and local else local
+        totals = all_reduce_sums(local + stalls) if self._sharded and local else local + stalls
+        totals, stall_totals = totals[: len(local)], totals[len(local) :]
+        self._window_stalls = {name: t["counts"] for name, t in zip(self._stall_counts, stall_totals, strict=True)}
+        self._stall_counts = {name: torch.zeros_like(c) for name, c in self._stall_counts.items()}
         for (key, metric), sums in zip(self._metrics.items(), totals, strict=True):
             family, fmt_name, param = key.split("|")
             # An empty window (e.g. the only step was skipped by AMP) logs the zero fractions of empty sums.
@@ -583,7 +691,7 @@ def _stepping_batches(trainer: pl.Trainer) -> int:
 def _to_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The logged values as CPU tensors, in one device-to-host transfer.
 
-    Loggers need host numbers; handing Lightning device tensors would make it synchronise once per key (about 60
+    Loggers need host numbers; converting device tensors one by one would synchronise once per key (about 80
     ``.item()`` calls per logging step). Stacking them first makes it one transfer; float64 keeps every value.
     """
     if not values:

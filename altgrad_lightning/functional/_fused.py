@@ -329,18 +329,18 @@ if HAS_TRITON:
                 f_flip += (steps != 0).to(tl.int32)
                 f_stall += (updated & (steps == 0)).to(tl.int32)
                 f_steps += steps.to(tl.int64)
-                # Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update d = w - b.
-                d = w.to(tl.float64) - b.to(tl.float64)  # exact
+                # Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b.
+                delta = w.to(tl.float64) - b.to(tl.float64)  # exact
                 vb = tl.where(b < 0, -qb, qb).to(tl.float64)
                 eb = tl.maximum(_floor_log2_f32(qb), EMIN)
-                toward = (qb != 0.0) & ((d < 0) != (b < 0))
+                toward = (qb != 0.0) & ((delta < 0) != (b < 0))
                 half = toward & (eb > EMIN) & (qb == _pow2_f32(eb))  # a power of two, moving toward zero
                 inv_gap = tl.where(half, _pow2_f64(M + 1 - eb), _pow2_f64(M - eb))
-                p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(d) * inv_gap, 1.0))
-                e_sr = tl.minimum(tl.maximum(vb + d, -FMAX), FMAX) - vb
+                p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(delta) * inv_gap, 1.0))
+                e_sr = tl.minimum(tl.maximum(vb + delta, -FMAX), FMAX) - vb
                 m_near = tl.where(w < 0, -qw, qw).to(tl.float64) - vb
                 f_move += tl.where(updated, p_move, 0.0)
-                f_dd += tl.where(updated, d * d, 0.0)
+                f_dd += tl.where(updated, delta * delta, 0.0)
                 f_near += tl.where(updated, m_near * m_near, 0.0)
                 f_sr += tl.where(updated, e_sr * e_sr, 0.0)
         row = part_ptr + pid * N_COLS
@@ -371,13 +371,22 @@ class FusedPass:
 
     ``before(grads, grad_scale)`` returns ``{family: {format name: sums}}`` for ``"stiffness"`` and ``"grid"``;
     ``after()`` returns it for ``"ulp"`` (format name ``""``) and ``"flips"``. The sums have exactly the keys and
-    dtypes of the reference ``_update`` functions, so the Metrics accumulate either.
+    dtypes of the reference ``_update`` functions, so the Metrics accumulate either. With
+    ``per_parameter_stalls``, ``after()`` also leaves ``stall_counts``: per format, a float64 ``(len(params), 2)``
+    tensor of each parameter's ``[n_updated, n_stall]`` (a segment sum of the programs' rows: chunks never cross
+    parameters).
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], diagnostics: Sequence[str]
+        self,
+        params: Sequence[torch.Tensor],
+        formats: Sequence[FloatFormat],
+        diagnostics: Sequence[str],
+        per_parameter_stalls: bool = False,
     ) -> None:
         self.params = list(params)
+        self.per_parameter_stalls = per_parameter_stalls
+        self.stall_counts: dict[str, torch.Tensor] = {}
         self.formats = list(formats)
         self.diagnostics = set(diagnostics)
         device = self.params[0].device
@@ -467,6 +476,7 @@ class FusedPass:
         device = self.snapshot.device
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
         out: dict[str, dict[str, Sums]] = {"ulp": {}, "flips": {}}
+        self.stall_counts = {}
         for i, fmt in enumerate(self.formats):
             ulp_here = do_ulp and i == 0
             c0 = len(_ULP_COLS) * ulp_here
@@ -491,6 +501,10 @@ class FusedPass:
                 out["ulp"][""] = ulp
             if do_flips:
                 out["flips"][fmt.name] = self._sums(total[c0:], _FLIP_COLS)
+                if self.per_parameter_stalls:
+                    rows = part[:, [c0 + _FLIP_COLS.index("n_updated"), c0 + _FLIP_COLS.index("n_stall")]]
+                    counts = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
+                    self.stall_counts[fmt.name] = counts.index_add_(0, self._chunk_t, rows)
         return out
 
     def _sums(self, total: torch.Tensor, cols: Sequence[str]) -> Sums:
