@@ -17,7 +17,7 @@ from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
 from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
-from altgrad_lightning.metrics._base import all_reduce_sums
+from altgrad_lightning.metrics._base import all_reduce_sums, sums_to_host
 from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale
 
 __all__ = ["QuantizationMonitor"]
@@ -416,7 +416,7 @@ class QuantizationMonitor(Callback):
         """The ``stall_alert`` flags of the window just computed, and the once-per-parameter warning (rank 0)."""
         assert self.stall_threshold is not None
         threshold = self.stall_threshold
-        host = {name: c.cpu() for name, c in self._window_stalls.items()}  # one small transfer per format
+        host = self._window_stalls  # on the host already (see _compute_and_reset)
         out = {}
         for fmt in self.formats:
             overall = float(values[f"{self.prefix}/{fmt.name}/update_stall_frac"])
@@ -561,6 +561,10 @@ class QuantizationMonitor(Callback):
         # Sharded: every rank holds the sums of its own elements; one packed SUM and one packed MAX all-reduce
         # (see all_reduce_sums) make them global. Replicated (DDP): every rank already has the global numbers.
         totals = all_reduce_sums(local + stalls) if self._sharded and local else local + stalls
+        # The statistics are a few dozen tiny operations per metric: on the host, after one transfer.
+        skipped_dev = {} if self._skipped_on_device is None else {"skipped": self._skipped_on_device}
+        totals = sums_to_host([*totals, skipped_dev])
+        skipped_dev = totals.pop()
         totals, stall_totals = totals[: len(local)], totals[len(local) :]
         self._window_stalls = {name: t["counts"] for name, t in zip(self._stall_counts, stall_totals, strict=True)}
         self._stall_counts = {name: torch.zeros_like(c) for name, c in self._stall_counts.items()}
@@ -577,8 +581,8 @@ class QuantizationMonitor(Callback):
                 out["/".join(p for p in parts if p)] = value
             metric.reset()
         skipped = torch.tensor(float(self._skipped_steps), dtype=torch.float64)
-        if self._skipped_on_device is not None:
-            skipped = self._skipped_on_device + skipped.to(self._skipped_on_device.device)
+        if skipped_dev:
+            skipped = skipped + skipped_dev["skipped"].to(torch.float64)
         out[f"{self.prefix}/skipped_steps"] = skipped
         self._skipped_steps = 0
         self._skipped_on_device = None

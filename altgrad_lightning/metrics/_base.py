@@ -107,17 +107,42 @@ def all_reduce_sums(sums: Sequence[Sums], group: Any = None) -> list[Sums]:
     """
     import torch.distributed as dist
 
+    packed = _pack(sums)
+    for is_max, tensor in packed.items():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM, group=group)
+    return _unpack(sums, packed)
+
+
+def sums_to_host(sums: Sequence[Sums]) -> list[Sums]:
+    """``sums`` as CPU tensors (same names, shapes and dtypes) in one device-to-host transfer.
+
+    Turning sums into statistics takes a few dozen tiny operations per metric: on a GPU each is a kernel launch
+    (about 17 ms for the ~70 states of two formats, measured on an H100), on the host a few microseconds.
+    """
+    packed = _pack(sums)
+    if not packed:
+        return _unpack(sums, packed)
+    parts = list(packed.items())
+    host = torch.cat([t for _, t in parts]).cpu()
+    out: dict[bool, torch.Tensor] = {}
+    offset = 0
+    for is_max, tensor in parts:
+        out[is_max] = host[offset : offset + tensor.numel()]
+        offset += tensor.numel()
+    return _unpack(sums, out)
+
+
+def _pack(sums: Sequence[Sums]) -> dict[bool, torch.Tensor]:
+    """Every state as float64 in one flat tensor for the summed states (key False) and one for ``*_max`` (True)."""
     parts: dict[bool, list[torch.Tensor]] = {False: [], True: []}
     for s in sums:
         for name, value in s.items():
             parts[name.endswith("_max")].append(value.detach().reshape(-1).to(torch.float64))
-    reduced: dict[bool, torch.Tensor] = {}
-    for is_max, tensors in parts.items():
-        if not tensors:
-            continue
-        packed = torch.cat(tensors)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM, group=group)
-        reduced[is_max] = packed
+    return {is_max: torch.cat(tensors) for is_max, tensors in parts.items() if tensors}
+
+
+def _unpack(sums: Sequence[Sums], packed: dict[bool, torch.Tensor]) -> list[Sums]:
+    """The inverse of :func:`_pack`, into the names, shapes and dtypes of ``sums``, on ``packed``'s device."""
     offsets = {False: 0, True: 0}
     out: list[Sums] = []
     for s in sums:
@@ -125,7 +150,7 @@ def all_reduce_sums(sums: Sequence[Sums], group: Any = None) -> list[Sums]:
         for name, value in s.items():
             is_max = name.endswith("_max")
             n = value.numel()
-            flat = reduced[is_max][offsets[is_max] : offsets[is_max] + n]
+            flat = packed[is_max][offsets[is_max] : offsets[is_max] + n]
             offsets[is_max] += n
             if not value.dtype.is_floating_point:
                 flat = flat.round()
