@@ -128,6 +128,19 @@ def test_every_n_steps_samples_only_those_steps(tmp_path):
     assert row["altgrad/float8_e4m3fn/grad_below_stiffness_frac"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_windows_without_a_sampled_step_log_nothing(tmp_path):
+    """every_n_steps=3 with log_every_n_steps=1 over 7 steps: rows at steps 0, 3 and 6 only (an unsampled window
+    would otherwise log the zeros of empty sums, a stall fraction of 0 that was never measured)."""
+    _fit(
+        tmp_path,
+        QuantizationMonitor(formats="e4m3", every_n_steps=3),
+        max_steps=7,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+    )
+    assert [row["step"] for row in _csv_rows(tmp_path)] == [0.0, 3.0, 6.0]
+
+
 def test_amp_skipped_step_is_counted_not_logged_as_stall(tmp_path):
     """16-mixed with a GradScaler on CPU: an inf loss makes the scaler skip the step; it is counted, no ULP sample."""
     from lightning.pytorch.plugins import MixedPrecision

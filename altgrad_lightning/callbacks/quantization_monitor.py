@@ -17,7 +17,7 @@ from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
 from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
-from altgrad_lightning.metrics._base import all_reduce_sums, sums_to_host
+from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
 from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale
 
 __all__ = ["QuantizationMonitor"]
@@ -64,7 +64,8 @@ class QuantizationMonitor(Callback):
             batches for ``log_every_n_steps``; with one optimizer in automatic optimization this is
             ``trainer.global_step``); other steps cost nothing. With several optimizers stepping in one batch (manual
             optimization), the sampled batches measure every optimizer, where ``global_step``, which counts each
-            optimizer's steps, would keep sampling the same one.
+            optimizer's steps, would keep sampling the same one. A logging step whose window sampled no optimizer
+            step logs nothing (not the zeros of an empty window) and costs nothing either.
         scaling: ``"none"``; ``"amax"`` for the grid an FP8 recipe with current per-tensor scaling would use:
             ``scale = amax(|w|) / fmt.max`` per parameter and format; or ``"mx"`` for OCP Microscaling (MX v1.0):
             blocks of ``block_size`` elements along each parameter's last dimension share a float8_e8m0fnu scale
@@ -196,6 +197,7 @@ class QuantizationMonitor(Callback):
         self._handles: list[RemovableHandle] = []
         self._hist_buckets = 0
         self._skipped_steps = 0
+        self._sampled = 0  # optimizer steps sampled since the last log (0: the window has nothing to log)
         # Steps of fused optimizers skipped by the scaler: their post hook fires, the verdict stays on the device.
         self._skipped_on_device: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
@@ -301,6 +303,7 @@ class QuantizationMonitor(Callback):
         self._pending.pop(key, None)
         if _stepping_batches(trainer) % self.every_n_steps != 0 or key not in self._selected:
             return
+        self._sampled += 1
         grad_scale = self._unapplied_grad_scale(trainer, optimizer)
         if self._fused_before(key, grad_scale):
             return
@@ -406,7 +409,8 @@ class QuantizationMonitor(Callback):
         # `should_update_logs` too, but Lightning drops what they log: computing (and resetting) there would lose
         # the window's earlier steps.
         accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
-        if trainer._logger_connector.should_update_logs and not accumulating:
+        if trainer._logger_connector.should_update_logs and not accumulating and self._sampled:
+            self._sampled = 0
             values = _to_host(self._compute_and_reset())
             if self.stall_threshold is not None:
                 values.update(self._alerts(values))
@@ -469,8 +473,12 @@ class QuantizationMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "skipped_steps": self._skipped_steps + self._skipped_device_count(),
-            "metrics": {key: {k: v.detach().cpu() for k, v in m.sums().items()} for key, m in self._metrics.items()},
-            "stall_counts": {name: c.detach().cpu() for name, c in self._stall_counts.items()},
+            "sampled_steps": self._sampled,
+            # Copies: the states are updated in place (on CPU, .cpu() alone would hand out the live tensors).
+            "metrics": {
+                key: {k: v.detach().cpu().clone() for k, v in m.sums().items()} for key, m in self._metrics.items()
+            },
+            "stall_counts": {name: c.detach().cpu().clone() for name, c in self._stall_counts.items()},
             "stall_warned": sorted(self._stall_warned),
         }
 
@@ -483,6 +491,7 @@ class QuantizationMonitor(Callback):
 
     def _apply_restored(self, state: dict[str, Any]) -> None:
         self._skipped_steps = int(state.get("skipped_steps", 0))
+        self._sampled = int(state.get("sampled_steps", 0))
         self._skipped_on_device = None
         self._stall_warned = {(f, n) for f, n in state.get("stall_warned", [])}
         # Sharded: the checkpoint holds one rank's local sums (rank 0 writes it). Restoring them on every rank would
@@ -579,7 +588,7 @@ class QuantizationMonitor(Callback):
                     continue
                 parts = [self.prefix, fmt_name, stat, param]
                 out["/".join(p for p in parts if p)] = value
-            metric.reset()
+        reset_all(list(self._metrics.values()))
         skipped = torch.tensor(float(self._skipped_steps), dtype=torch.float64)
         if skipped_dev:
             skipped = skipped + skipped_dev["skipped"].to(torch.float64)

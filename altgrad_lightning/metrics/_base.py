@@ -57,10 +57,14 @@ class SumsMetric(Metric):
         return fn(a, b, self.fmt, scale) if self.uses_format else fn(a, b)
 
     def accumulate(self, sums: Sums) -> None:
-        """Add sums from :meth:`sums_of` (or another metric's :meth:`sums`) to the state."""
+        """Add sums from :meth:`sums_of` (or another metric's :meth:`sums`) to the state, in place (one fused
+        ``_foreach_add_`` for the summed states: the callback calls this for every family at every step)."""
+        names = [n for n in sums if not n.endswith("_max")]
+        if names:
+            torch._foreach_add_([getattr(self, n) for n in names], [sums[n].to(getattr(self, n).dtype) for n in names])
         for name, value in sums.items():
-            current = getattr(self, name)
-            setattr(self, name, torch.maximum(current, value) if name.endswith("_max") else current + value)
+            if name.endswith("_max"):
+                torch.maximum(getattr(self, name), value, out=getattr(self, name))
         # What torchmetrics' update() wrapper does: count the update and drop a cached compute() result.
         self._update_count += 1
         self._computed = None
@@ -93,6 +97,20 @@ class SumsMetric(Metric):
             return {k: v for k, v in result.items() if v.ndim == 0}
 
         return self._plot(scalars(val) if isinstance(val, dict) else [scalars(v) for v in val], ax)
+
+
+def reset_all(metrics: Sequence[SumsMetric]) -> None:
+    """``reset()`` of every metric, with one fused ``_foreach_zero_`` over all their states (every state's default
+    is zero) instead of a copy of each state's default."""
+    states = [getattr(m, n) for m in metrics for n in m.state_names]
+    if states:
+        torch._foreach_zero_(states)
+    for m in metrics:
+        m._update_count = 0
+        m._forward_cache = None
+        m._computed = None
+        m._cache = None
+        m._is_synced = False
 
 
 def all_reduce_sums(sums: Sequence[Sums], group: Any = None) -> list[Sums]:
@@ -137,8 +155,9 @@ def _pack(sums: Sequence[Sums]) -> dict[bool, torch.Tensor]:
     parts: dict[bool, list[torch.Tensor]] = {False: [], True: []}
     for s in sums:
         for name, value in s.items():
-            parts[name.endswith("_max")].append(value.detach().reshape(-1).to(torch.float64))
-    return {is_max: torch.cat(tensors) for is_max, tensors in parts.items() if tensors}
+            parts[name.endswith("_max")].append(value.detach().reshape(-1))
+    # One kernel per part: cat promotes the int64 counts and float64 sums to float64 itself.
+    return {is_max: torch.cat(tensors).to(torch.float64) for is_max, tensors in parts.items() if tensors}
 
 
 def _unpack(sums: Sequence[Sums], packed: dict[bool, torch.Tensor]) -> list[Sums]:
