@@ -7,17 +7,18 @@ Layers (dependencies point one way): :mod:`~altgrad_lightning.formats` and :mod:
 
 from altgrad_lightning import functional
 from altgrad_lightning.formats import ALIASES, PRESETS, Flavour, FloatFormat, get_format
-from altgrad_lightning.quantize import Rounding, code_index, quantize
+from altgrad_lightning.quantize import Rounding, code_index, fake_quantize, quantize
+from altgrad_lightning.scaling import amax_scale, mx_scale
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
     # The callback imports Lightning; load it on first use so the core stays importable with torch alone.
-    if name == "QuantizationMonitor":
-        from altgrad_lightning.callbacks import QuantizationMonitor
+    if name in ("QuantizationMonitor", "WeightQuantizer"):
+        from altgrad_lightning import callbacks
 
-        return QuantizationMonitor
+        return getattr(callbacks, name)
     raise AttributeError(f"module 'altgrad_lightning' has no attribute {name!r}")
 
 
@@ -25,12 +26,16 @@ __all__ = [
     "ALIASES",
     "PRESETS",
     "QuantizationMonitor",
+    "WeightQuantizer",
     "Flavour",
     "FloatFormat",
     "Rounding",
+    "amax_scale",
     "code_index",
+    "fake_quantize",
     "functional",
     "get_format",
+    "mx_scale",
     "quantize",
     "__version__",
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numbers
 import struct
 from enum import Enum
+from typing import Any
 
 import torch
 
 from altgrad_lightning._bits import FLOAT_DTYPES, floor_log2, pow2
 from altgrad_lightning.formats import Flavour, FloatFormat, FormatLike, get_format
 
-__all__ = ["Rounding", "code_index", "quantize"]
+__all__ = ["Rounding", "code_index", "fake_quantize", "quantize"]
 
 ScaleLike = float | torch.Tensor | None
 
@@ -339,3 +340,61 @@ def quantize_to_grid(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | No
     if scale is not None:
         xc = xc / scale.to(xc.dtype)
     return _quantize_unscaled(xc, fmt, Rounding.NEAREST, True, None)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Forward :func:`quantize`, backward the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        fmt: FormatLike,
+        scale: ScaleLike,
+        rounding: str | Rounding,
+        saturate: bool | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        return quantize(x, fmt, scale=scale, rounding=rounding, saturate=saturate, generator=generator)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:  # type: ignore[override]
+        return grad, None, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    *,
+    scale: ScaleLike = None,
+    rounding: str | Rounding = "nearest",
+    saturate: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`quantize` with a straight-through gradient: quantization-aware training's fake quantization.
+
+    The forward value is ``quantize(x, fmt, scale=scale, rounding=rounding, saturate=saturate,
+    generator=generator)`` bit for bit (it *is* that call, arguments validated there with the same errors); the
+    gradient with respect to ``x`` is the upstream gradient unchanged (the straight-through estimator), also where
+    the value saturates at ``±max`` or rounds to zero: no clipping of the gradient outside the range. No gradient
+    flows to ``scale`` (a scale computed from ``x``, such as :func:`~altgrad_lightning.scaling.mx_scale` or
+    :func:`~altgrad_lightning.scaling.amax_scale`, is a constant of the step). The usual construction
+    ``x + (quantize(x.detach()) - x.detach())`` is *not* used: ``x + (q - x)`` rounds in floating point and need
+    not equal ``q``. Implemented as a ``torch.autograd.Function``, it traces as one graph under
+    ``torch.compile(fullgraph=True)``, forward and backward, except with a ``generator``: dynamo does not trace a
+    ``torch.Generator`` argument (nor does it for :func:`quantize` itself), so stochastic rounding with one needs
+    ``fullgraph=False`` (a graph break; the values are still those of the eager call).
+
+    Args: as :func:`quantize`.
+
+    Example:
+        >>> x = torch.tensor([0.3, 1.1, -2.6, 500.0], requires_grad=True)
+        >>> y = fake_quantize(x, "float8_e4m3fn")
+        >>> y.tolist()  # 500 saturates to the largest value, 448
+        [0.3125, 1.125, -2.5, 448.0]
+        >>> (y * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+        >>> x.grad
+        tensor([1., 2., 3., 4.])
+    """
+    out: torch.Tensor = _FakeQuantize.apply(x, fmt, scale, rounding, saturate, generator)
+    return out

@@ -256,10 +256,50 @@ def _monitor_rows() -> list[Row]:
         Row("monitor-prefix-slash", qm(prefix="a/"), ValueError, "prefix", "non-empty key component"),
         Row("monitor-prefix-int", qm(prefix=3), ValueError, "prefix", "non-empty key component"),
         Row("monitor-fused-str", qm(fused="no"), ValueError, "fused", "a bool"),
+        Row("monitor-block_size-0", qm(scaling="mx", block_size=0), ValueError, "block_size", "a positive int"),
+        Row("monitor-stall_threshold-2", qm(stall_threshold=2.0), ValueError, "stall_threshold", r"\(0, 1\]"),
+        Row("monitor-stall_threshold-str", qm(stall_threshold="high"), TypeError, "stall_threshold", "a float"),
     ]
 
 
-ROWS = _format_rows() + _tensor_rows() + _scale_rows() + _quantize_option_rows() + _monitor_rows()
+def _new_api_rows() -> list[Row]:
+    """Scales, fake_quantize and WeightQuantizer."""
+    from altgrad_lightning import WeightQuantizer
+
+    def wq(*args: Any, **kwargs: Any) -> Callable[[], Any]:
+        return lambda: WeightQuantizer(*args, **kwargs)
+
+    return [
+        Row("mx_scale-x-list", lambda: al.mx_scale([1.0], "e4m3"), TypeError, "x", "torch.Tensor"),
+        Row("mx_scale-x-int", lambda: al.mx_scale(I32, "e4m3"), TypeError, "x", "float32"),
+        Row("mx_scale-fmt-unknown", lambda: al.mx_scale(X, "e9m9"), ValueError, "fmt", KNOWN_NAME),
+        Row("mx_scale-block_size-0", lambda: al.mx_scale(X, "e4m3", block_size=0), ValueError, "block_size", "int"),
+        Row(
+            "mx_scale-block_size-float", lambda: al.mx_scale(X, "e4m3", block_size=2.0), ValueError, "block_size", "int"
+        ),
+        Row("amax_scale-x-int", lambda: al.amax_scale(I32, "e4m3"), TypeError, "x", "float32"),
+        Row("amax_scale-fmt-int", lambda: al.amax_scale(X, 8), TypeError, "fmt", FORMAT_TYPE),
+        Row("fake_quantize-x-int", lambda: al.fake_quantize(I32, "e4m3"), TypeError, "x", "float32"),
+        Row(
+            "fake_quantize-rounding",
+            lambda: al.fake_quantize(X, "e4m3", rounding="up"),
+            ValueError,
+            "rounding",
+            "one of",
+        ),
+        Row("fake_quantize-scale-0", lambda: al.fake_quantize(X, "e4m3", scale=0.0), ValueError, "scale", POSITIVE),
+        Row("WeightQuantizer-format-unknown", wq("e9m9"), ValueError, "format", KNOWN_NAME),
+        Row("WeightQuantizer-rounding", wq(rounding="up"), ValueError, "rounding", "one of"),
+        Row("WeightQuantizer-scaling", wq(scaling="mxfp8"), ValueError, "scaling", "one of"),
+        Row("WeightQuantizer-block_size", wq(scaling="mx", block_size=-1), ValueError, "block_size", "int"),
+        Row("WeightQuantizer-seed", wq(seed=-1), ValueError, "seed", "non-negative int"),
+        Row("WeightQuantizer-log_stats", wq(log_stats="yes"), TypeError, "log_stats", "a bool"),
+        Row("WeightQuantizer-prefix", wq(prefix=""), ValueError, "prefix", "non-empty key component"),
+        Row("WeightQuantizer-include", wq(include="("), ValueError, "include", "valid regular expressions"),
+    ]
+
+
+ROWS = _format_rows() + _tensor_rows() + _scale_rows() + _quantize_option_rows() + _monitor_rows() + _new_api_rows()
 
 XFAIL: dict[str, str] = {}  # rows for known, unfixed defects (strict: a fix turns them into failures to clean up)
 ROWS.append(
