@@ -94,6 +94,21 @@ class TinyRegressor(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
+class ShardedRegressor(TinyRegressor):
+    """TinyRegressor with each Linear and the root wrapped by ``fully_shard`` on the strategy's device mesh (CPU
+    under ``accelerator="cpu"``, also on a host with GPUs): on 2 ranks ``net.2`` (1 x 12 and a bias of 1) is sharded
+    along dim 0, so rank 1 holds empty shards of it."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 # --- probe ---------------------------------------------------------------------------------------------------------
 
 

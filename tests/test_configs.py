@@ -52,10 +52,72 @@ def test_every_config_is_tested():
         "ddp.yaml",
         "format_sweep.yaml",
         "mlflow.yaml",
+        "mx_whatif.yaml",
         "per_layer.yaml",
         "quickstart.yaml",
+        "storage_e4m3.yaml",
+        "storage_e4m3_sr.yaml",
         "wandb.yaml",
     ]
+
+
+def test_mx_whatif_instantiates_mxfp8_and_mxfp4():
+    cli = _instantiate("mx_whatif.yaml")
+    monitor = _monitor(cli)
+    assert _format_names(cli) == ["float8_e4m3fn", "float4_e2m1fn"]
+    assert (monitor.scaling, monitor.block_size, monitor.per_parameter) == ("mx", 32, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "rounding"), [("storage_e4m3.yaml", "nearest"), ("storage_e4m3_sr.yaml", "stochastic")]
+)
+def test_storage_configs_instantiate_the_quantizer(name: str, rounding: str):
+    from altgrad_lightning import WeightQuantizer
+
+    cli = _instantiate(name)
+    (quantizer,) = [c for c in cli.trainer.callbacks if isinstance(c, WeightQuantizer)]
+    assert quantizer.format.name == "float8_e4m3fn" and quantizer.rounding.value == rounding
+    assert _monitor(cli).stall_threshold == 0.9
+
+
+def test_storage_config_run_observes_what_the_monitor_predicts(tmp_path: Path):
+    """configs/storage_e4m3.yaml through the real entry point, 6 steps logged every step: the monitor's predicted
+    update_stall_frac equals the WeightQuantizer's observed stored_update_stall_frac in every CSV row."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "altgrad_lightning",
+            "fit",
+            "--config",
+            str(CONFIGS / "storage_e4m3.yaml"),
+            "--trainer.max_steps=6",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.limit_val_batches=0",
+            "--data.num_train=512",
+            "--report=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_step: dict[str, dict[str, float]] = {}
+    with open(tmp_path / "runs" / "storage_e4m3" / "version_0" / "metrics.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            by_step.setdefault(r["step"], {}).update({k: float(v) for k, v in r.items() if v != ""})
+    key = "altgrad/float8_e4m3fn/"
+    rows = [r for r in by_step.values() if key + "update_stall_frac" in r]
+    assert len(rows) == 6
+    for r in rows:
+        assert r[key + "update_stall_frac"] == r[key + "stored_update_stall_frac"]
+    assert min(r[key + "update_stall_frac"] for r in rows) < 1.0  # some updates get through
 
 
 def test_quickstart_instantiates():

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from callback_helpers import (
     CollectiveCounter,
     FullTensorProbe,
-    TinyRegressor,
+    ShardedRegressor,
     assert_matches,
     csv_rows,
     reference,
@@ -52,19 +52,6 @@ def _env(rank: int, port: int) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
     )
     os.environ["NODE_RANK"] = "0"
-
-
-class ShardedRegressor(TinyRegressor):
-    """TinyRegressor with each Linear and the root wrapped by ``fully_shard``: on 2 ranks ``net.2`` (1 x 12 and
-    a bias of 1) is sharded along dim 0, so rank 1 holds empty shards of it."""
-
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        for module in self.net:
-            if isinstance(module, torch.nn.Linear):
-                fully_shard(module)
-        fully_shard(self)
 
 
 def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:

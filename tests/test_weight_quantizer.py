@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from callback_helpers import FullTensorProbe, TinyRegressor, _grid, csv_rows, fit, native, round_to
+from callback_helpers import FullTensorProbe, ShardedRegressor, TinyRegressor, _grid, csv_rows, fit, native, round_to
 from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning.callbacks.quantization_monitor import QuantizationMonitor
@@ -317,16 +317,6 @@ def test_resume_keeps_pending_counts_and_generator(tmp_path):
 
 
 # --- sharded parameters (FSDP2 on 2 CPU processes) --------------------------------------------------------------------
-
-
-class ShardedRegressor(TinyRegressor):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        for module in self.net:
-            if isinstance(module, torch.nn.Linear):
-                fully_shard(module)
-        fully_shard(self)
 
 
 class FullStored(pl.Callback):
