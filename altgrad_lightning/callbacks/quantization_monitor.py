@@ -414,7 +414,7 @@ class QuantizationMonitor(Callback):
             values = _to_host(self._compute_and_reset())
             if self.stall_threshold is not None:
                 values.update(self._alerts(values))
-            self._log(trainer, values)
+            _log_values(trainer, values)
 
     def _alerts(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The ``stall_alert`` flags of the window just computed, and the once-per-parameter warning (rank 0)."""
@@ -443,22 +443,6 @@ class QuantizationMonitor(Callback):
                     f"updates of {shown}{more} (update_stall_frac of the window; the whole selection: {overall:.3f})."
                 )
         return out
-
-    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
-        """Hand the window's values to every logger, and to ``trainer.callback_metrics`` for monitoring callbacks.
-
-        Straight to the loggers, at the step Lightning itself logs this batch under, as Lightning's own
-        ``LearningRateMonitor`` does: ``LightningModule.log`` costs about 0.3 ms of Python per key and step (some
-        25 ms for the ~80 keys of two formats), more than the whole diagnostic pass on a GPU. ``EarlyStopping`` and
-        ``ModelCheckpoint`` read ``trainer.callback_metrics``, which gets the same values as 0-d tensors.
-        """
-        if not values:
-            return
-        step = _stepping_batches(trainer)  # Lightning's logging step for this batch (incremented after the batch)
-        scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
-        for logger in trainer.loggers:  # rank-zero-only methods: other ranks log nothing
-            logger.log_metrics(scalars, step=step)
-        trainer.callback_metrics.update(values)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -699,6 +683,23 @@ def _unpadded(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def _stepping_batches(trainer: pl.Trainer) -> int:
     """Batches that stepped before the current one: Lightning's counter for the logging cadence (restored on resume)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _log_values(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+    """Hand host values to every logger, and to ``trainer.callback_metrics`` for monitoring callbacks.
+
+    Straight to the loggers, at the step Lightning itself logs this batch under, as Lightning's own
+    ``LearningRateMonitor`` does: ``LightningModule.log`` costs about 0.3 ms of Python per key and step (some 25 ms
+    for the ~80 keys of two formats), more than the whole diagnostic pass on a GPU. ``EarlyStopping`` and
+    ``ModelCheckpoint`` read ``trainer.callback_metrics``, which gets the same values as 0-d tensors.
+    """
+    if not values:
+        return
+    step = _stepping_batches(trainer)  # Lightning's logging step for this batch (incremented after the batch)
+    scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
+    for logger in trainer.loggers:  # rank-zero-only methods: other ranks log nothing
+        logger.log_metrics(scalars, step=step)
+    trainer.callback_metrics.update(values)
 
 
 def _to_host(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

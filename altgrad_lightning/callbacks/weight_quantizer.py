@@ -15,7 +15,7 @@ from altgrad_lightning.callbacks.quantization_monitor import (
     _compile,
     _is_sharded,
     _local_views,
-    _stepping_batches,
+    _log_values,
     _to_host,
     _to_local,
 )
@@ -340,15 +340,3 @@ class WeightQuantizer(Callback):
             handle.remove()
         self._handles = []
         self._snapshots.clear()
-
-
-def _log_values(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
-    """Hand host values to every logger at Lightning's logging step for this batch, and to
-    ``trainer.callback_metrics`` (as :class:`~altgrad_lightning.QuantizationMonitor` does)."""
-    if not values:
-        return
-    step = _stepping_batches(trainer)
-    scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
-    for logger in trainer.loggers:  # rank-zero-only methods: other ranks log nothing
-        logger.log_metrics(scalars, step=step)
-    trainer.callback_metrics.update(values)
