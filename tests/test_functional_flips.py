@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import altgrad_lightning.functional as F
 from altgrad_lightning import get_format
+from altgrad_lightning import quantize as al_quantize
 from altgrad_lightning.functional._reduce import merge
 from altgrad_lightning.functional.flips import _flip_compute, _flip_update
 
@@ -403,3 +404,37 @@ def test_property_adversarial_float32(pairs: list[tuple[float, float]], name: st
             assert v <= 1.0, key
     stalled = stats["update_stall_frac"].item() * stats["updated_frac"].item()  # fraction of valid pairs
     assert stalled <= 1.0 - stats["flip_frac"].item() + 1e-12
+
+
+# --- stochastic-rounding survival against a Monte-Carlo simulation -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float4_e2m1fn"))
+def test_sr_survival_matches_monte_carlo(name: str) -> None:
+    """Weights on the grid (powers of two among them, ±max, zero), updates from 1/100 of a gap to 3 gaps in both
+    directions: over 4000 draws of ``quantize(w + Δ, rounding="stochastic")`` the fraction of updated weights that
+    stay put equals ``sr_update_stall_frac`` within 5 standard errors, and the mean movement's norm over ‖Δ‖ equals
+    ``sr_update_norm_retained``."""
+    fmt = get_format(name)
+    grid, _ = code_table(name)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    v = np.concatenate([rng.choice(grid, 300), [0.0, grid[-1], -grid[-1], 1.0, -1.0, 2.0, 0.5]])
+    pos = np.searchsorted(grid, v)
+    gap = np.maximum(np.diff(grid)[np.clip(pos, 0, grid.size - 2)], np.diff(grid)[np.clip(pos - 1, 0, grid.size - 2)])
+    delta = gap * rng.choice([0.01, 0.3, 0.5, 0.9, 1.0, 2.5], v.size) * rng.choice([-1.0, 1.0], v.size)
+    before = torch.tensor(v, dtype=torch.float32)
+    after = torch.tensor(v + delta, dtype=torch.float32)  # the update applied in float32, as an optimizer does
+    d = (after.double() - before.double()).numpy()
+    stats = F.flip_statistics(before, after, name)
+    draws = 4000
+    x = after.double().repeat(draws, 1)  # SR of the stored float32 value, exactly (float64 holds it)
+    gen = torch.Generator().manual_seed(0)
+    q = al_quantize(x, fmt, rounding="stochastic", saturate=True, generator=gen).numpy()
+    updated = (d != 0) & np.isfinite(d)  # bfloat16's max + 2.5 gaps leaves float32: not an update, not counted
+    stayed = (q[:, updated] == v[updated]).mean()
+    expected = stats["sr_update_stall_frac"].item()
+    se = math.sqrt(max(expected * (1 - expected), 1e-4) / (draws * updated.sum()))
+    assert abs(stayed - expected) < 5 * se + 1e-12, (stayed, expected)
+    movement = q.mean(axis=0)[updated] - v[updated]
+    retained = math.sqrt(np.sum(movement**2) / np.sum(d[updated] ** 2))
+    assert retained == pytest.approx(stats["sr_update_norm_retained"].item(), abs=0.02)
