@@ -8,11 +8,14 @@ Reads what :class:`~altgrad_lightning.QuantizationMonitor` logged (the ``metrics
 - ``format_comparison.png``: ``update_stall_frac`` and ``grad_below_stiffness_frac`` over steps, one line per
   format, with the learning rate when a ``LearningRateMonitor`` logged it;
 - ``ulp_histogram.png``: how many storage-dtype ULPs the weights moved per step (``ulp_hist/*``), early vs late;
+- ``mx_block_heatmap.png``, when the monitor ran with ``scaling="mx"`` and ``per_parameter=True``: the stall
+  fraction of every MX block over the whole run, per format and (largest) parameter, from ``mx_block_stalls.pt``;
 - ``summary.md`` (and the same numbers in ``summary.json``): per-format stall fractions (first logged window, the
   window of peak learning rate, last window, mean over windows) and the parameters at risk.
 
 Every number of the summary is a value of the log (or a plain mean of logged values), so it can be checked against
-the CSV. This module uses matplotlib and the standard library; it does not import Lightning.
+the CSV. This module uses matplotlib and the standard library (and torch to read ``mx_block_stalls.pt``); it does not
+import Lightning.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ Series = dict[int, float]  # optimizer step -> logged value
 STALL = "update_stall_frac"
 BELOW = "grad_below_stiffness_frac"
 _FIGURES = ("stall_heatmap.png", "format_comparison.png", "ulp_histogram.png")
+MX_FIGURE = "mx_block_heatmap.png"
 
 
 @dataclass
@@ -337,6 +341,55 @@ def plot_stall_heatmap(run: RunLog, path: str | os.PathLike[str]) -> bool:
     return True
 
 
+MX_BLOCK_FILE = "mx_block_stalls.pt"
+_MX_PANELS = 6  # the largest parameters per format
+
+
+def plot_mx_block_heatmap(run: RunLog, path: str | os.PathLike[str]) -> bool:
+    """Per MX block (columns) and row of each parameter (rows), the share of the block's updates the format would
+    swallow over the whole fit, from the monitor's ``mx_block_stalls.pt`` (``scaling="mx"`` with
+    ``per_parameter``); one row of panels per format, the largest parameters first (False: no such file)."""
+    file = run.run_dir / MX_BLOCK_FILE
+    if not file.is_file():
+        return False
+    import numpy as np
+    import torch
+
+    data = torch.load(file, map_location="cpu", weights_only=True)
+    stalls: dict[str, dict[str, torch.Tensor]] = {f: p for f, p in data["stalls"].items() if p}
+    if not stalls:
+        return False
+    plt = _pyplot()
+    n_cols = min(_MX_PANELS, max(len(p) for p in stalls.values()))
+    fig, axes = plt.subplots(len(stalls), n_cols, figsize=(3.2 * n_cols + 1.5, 3.0 * len(stalls) + 0.8), squeeze=False)
+    image = None
+    for r, (fmt, by_param) in enumerate(stalls.items()):
+        largest = sorted(by_param, key=lambda n: -by_param[n][..., 0].numel())[:n_cols]
+        for c in range(n_cols):
+            ax = axes[r][c]
+            if c >= len(largest):
+                ax.axis("off")
+                continue
+            counts = by_param[largest[c]].to(torch.float64).numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = np.where(counts[..., 0] > 0, counts[..., 1] / counts[..., 0], np.nan)
+            image = ax.imshow(frac, aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap="magma")
+            ax.set_title(f"{fmt}\n{largest[c]}", fontsize=8)
+            ax.set_xlabel(f"block of {data['block_size']} (last dim)", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("row", fontsize=8)
+    fig.suptitle(
+        "MX block stalls over the whole run: share of each block's weight updates the MX format would swallow\n"
+        "(0 = every update changes the stored value, 1 = none does; grey = no update)",
+        fontsize=10,
+    )
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="update stall fraction (0–1)", fraction=0.03, pad=0.02)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def plot_format_comparison(run: RunLog, path: str | os.PathLike[str]) -> bool:
     """``update_stall_frac`` and ``grad_below_stiffness_frac`` over steps, one line per format; LR on a twin axis."""
     if not run.formats:
@@ -479,9 +532,15 @@ def write_report(
     for name, plot in zip(_FIGURES, (plot_stall_heatmap, plot_format_comparison, plot_ulp_histogram), strict=True):
         if plot(run, out / name):
             written.append(out / name)
+    mx = plot_mx_block_heatmap(run, out / MX_FIGURE)
+    if mx:
+        written.append(out / MX_FIGURE)
     summary = summarize(run, top_k)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary))
+    markdown = summary_markdown(summary)
+    if mx:
+        markdown += f"MX blocks: `{MX_FIGURE}` (stall fraction per block over the whole run, from `{MX_BLOCK_FILE}`).\n"
+    (out / "summary.md").write_text(markdown)
     written += [out / "summary.md", out / "summary.json"]
     return written
 

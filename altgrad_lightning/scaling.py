@@ -57,15 +57,28 @@ def mx_scale(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32) -> torch
     return _mx_scale(x, get_format(fmt, arg="fmt"), _check_block_size(block_size))
 
 
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` as ``(rows, n_blocks, block_size)``: blocks along the last dimension (a 0-d tensor is one row of one),
+    the last block of a row padded with zeros, which change no block's amax or sum."""
+    n = x.shape[-1] if x.ndim else 1
+    rows = x.reshape(x.numel() // n if n else 0, n)
+    n_blocks = -(-n // block_size)
+    if n_blocks * block_size != n:
+        rows = torch.nn.functional.pad(rows, (0, n_blocks * block_size - n))
+    return rows.reshape(rows.shape[0], n_blocks, block_size)
+
+
+def block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sum of each MX block of ``x`` (blocks as :func:`mx_scale` forms them), shape ``(rows, n_blocks)``, int64 for
+    a boolean ``x``."""
+    return _blocks(x.to(torch.int64) if x.dtype == torch.bool else x, block_size).sum(-1)
+
+
 def _mx_scale(x: torch.Tensor, fmt: FloatFormat, block_size: int) -> torch.Tensor:
     shape = x.shape
     n = shape[-1] if x.ndim else 1
-    rows = x.reshape(x.numel() // n if n else 0, n)
-    n_blocks = -(-n // block_size)
-    a = rows.abs().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if n_blocks * block_size != n:
-        a = torch.nn.functional.pad(a, (0, n_blocks * block_size - n))  # zeros leave every amax as it is
-    amax = a.reshape(a.shape[0], n_blocks, block_size).amax(-1) if a.numel() else a.new_zeros(a.shape[0], n_blocks)
+    blocks = _blocks(x.abs().to(torch.float64 if x.dtype == torch.float64 else torch.float32), block_size)
+    amax = blocks.amax(-1) if blocks.numel() else blocks.new_zeros(blocks.shape[:2])
     exponent = (floor_log2(amax) - fmt.emax).clamp_min(-MX_SCALE_EMAX)
     bad = ~torch.isfinite(amax) | (exponent > MX_SCALE_EMAX)
     scale = torch.where(bad, float("nan"), pow2(exponent.clamp_max(MX_SCALE_EMAX), torch.float32))

@@ -562,3 +562,40 @@ def test_monitor_mx_block_size_is_validated() -> None:
     for bad in (0, -2, 3.0, True):
         with pytest.raises(ValueError, match="`block_size`"):
             QuantizationMonitor(scaling="mx", block_size=bad)
+
+
+def test_monitor_mx_block_stalls_file_and_report_heatmap(tmp_path) -> None:
+    """scaling="mx" with per_parameter: mx_block_stalls.pt holds, per format, parameter and MX block, the updated and
+    stalled weights summed over the fit, equal to a numpy recomputation from the probe with the reference block
+    scales of the weights before each step; the report draws mx_block_heatmap.png from it."""
+    from callback_helpers import TinyRegressor, fit, round_to
+
+    from altgrad_lightning import QuantizationMonitor
+    from altgrad_lightning.report import write_report
+
+    names, block_size = ("float8_e4m3fn", "float4_e2m1fn"), 4
+    monitor = QuantizationMonitor(formats=list(names), scaling="mx", block_size=block_size, per_parameter=True)
+    trainer, probe, _ = fit(tmp_path, monitor, model=TinyRegressor(lr=3e-3), max_steps=5)
+    data = torch.load(tmp_path / "csv" / "version_0" / "mx_block_stalls.pt", weights_only=True)
+    assert data["block_size"] == block_size
+    for name in names:
+        expected: dict[str, np.ndarray] = {}
+        for step in probe.steps:
+            for pname, w, before, after in zip(step["names"], step["w"], step["dtype"], step["w_after"], strict=True):
+                x = ref_mx_scale(w, MX_EMAX[name], block_size)
+                b, a = before.astype(np.float64), after.astype(np.float64)
+                updated = a != b
+                stalled = updated & (round_to(a / x, name) == round_to(b / x, name))
+                rows = rows_of(updated.astype(np.float64)), rows_of(stalled.astype(np.float64))
+                counts = np.stack(
+                    [[[r[i, sl].sum() for sl in block_slices(r.shape[1], block_size)] for i in range(r.shape[0])]
+                     for r in rows], -1)  # fmt: skip
+                expected[pname] = expected.get(pname, 0) + counts
+        got = data["stalls"][name]
+        assert sorted(got) == sorted(expected)
+        for pname, counts in expected.items():
+            np.testing.assert_array_equal(got[pname].numpy(), counts, err_msg=f"{name} {pname}")
+        assert sum(float(t[..., 1].sum()) for t in got.values()) > 0  # some blocks stall
+    written = write_report(tmp_path / "csv" / "version_0")
+    assert tmp_path / "csv" / "version_0" / "mx_block_heatmap.png" in written
+    assert "mx_block_heatmap.png" in (tmp_path / "csv" / "version_0" / "summary.md").read_text()

@@ -18,7 +18,8 @@ from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
-from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale
+from altgrad_lightning.quantize import quantize_to_grid
+from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale, block_sums
 
 __all__ = ["QuantizationMonitor"]
 
@@ -74,7 +75,12 @@ class QuantizationMonitor(Callback):
             use the scales of the weights before the step on both sides, so a flip is movement of the weight, not
             of the scale. ``"mx"`` is not available with sharded parameters (FSDP, ``ModelParallelStrategy``) yet:
             a shard need not hold whole blocks.
-        block_size: elements per MX block (``scaling="mx"`` only; default 32, as MXFP8/MXFP6/MXFP4).
+        block_size: elements per MX block (``scaling="mx"`` only; default 32, as MXFP8/MXFP6/MXFP4). With
+            ``scaling="mx"`` and ``per_parameter``, the monitor also counts, over the whole fit, each block's updated
+            and stalled weights per format and parameter, and rank 0 saves them at the end of fit as
+            ``mx_block_stalls.pt`` in ``trainer.log_dir`` (``{"block_size": int, "stalls": {format: {parameter:
+            float64 tensor (rows, blocks, 2) of [n_updated, n_stall]}}}``); ``altgrad-lightning report`` draws them
+            as ``mx_block_heatmap.png``.
         prefix: first component of every key.
         log_histogram: log the ULP-movement histogram as fractions per log2 bucket.
         stall_threshold: alert level for ``update_stall_frac`` (needs ``"flips"``), a fraction in (0, 1]. At each
@@ -183,6 +189,8 @@ class QuantizationMonitor(Callback):
         self._stall_counts: dict[str, torch.Tensor] = {}
         self._window_stalls: dict[str, torch.Tensor] = {}  # the last logged window's counts (reduced when sharded)
         self._stall_warned: set[tuple[str, str]] = set()  # (format, parameter) already named in a warning
+        # scaling="mx" with per_parameter: format -> parameter -> (rows, blocks, 2) [n_updated, n_stall] of the fit
+        self._block_stalls: dict[str, dict[str, torch.Tensor]] = {}
         if not isinstance(fused, bool):
             raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
         self.fused = fused
@@ -286,6 +294,7 @@ class QuantizationMonitor(Callback):
         self._param_names = [n for n, _ in chosen_all]
         self._param_row = {id(p): i for i, (_, p) in enumerate(chosen_all)}
         self._stall_counts = {}
+        self._block_stalls = {f.name: {} for f in self.formats} if self.scaling == "mx" and self.per_parameter else {}
         if self.stall_threshold is not None:
             self._stall_counts = {
                 f.name: torch.zeros((len(chosen_all), 2), dtype=torch.float64, device=pl_module.device)
@@ -366,10 +375,42 @@ class QuantizationMonitor(Callback):
                         sums = _masked(metrics[0].sums_of(before, w, scale), taken)
                         for m in metrics:
                             m.accumulate(sums)
+                        if self._block_stalls:
+                            self._count_block_stalls(fmt, name, before, w, scale, taken)
                         if self._stall_counts:
                             row = self._param_row[id(p)]
                             counts = torch.stack([sums["n_updated"], sums["n_stall"]]).to(torch.float64)
                             self._stall_counts[fmt.name][row] += counts
+
+    def _count_block_stalls(
+        self,
+        fmt: FloatFormat,
+        name: str,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        scale: torch.Tensor | None,
+        taken: torch.Tensor | None,
+    ) -> None:
+        """Add one step's updated and stalled weights per MX block of parameter ``name`` (``_block_stalls``)."""
+        qb, qa = quantize_to_grid(before, fmt, scale), quantize_to_grid(after, fmt, scale)
+        updated = torch.isfinite(before) & torch.isfinite(after) & ~torch.isnan(qa - qb) & (after != before)
+        counts = torch.stack(
+            [block_sums(updated, self.block_size), block_sums(updated & (qa == qb), self.block_size)], -1
+        ).to(torch.float64)
+        if taken is not None:
+            counts = torch.where(taken, counts, torch.zeros_like(counts))
+        store = self._block_stalls[fmt.name]
+        store[name] = counts if name not in store else store[name] + counts
+
+    def _save_block_stalls(self, trainer: pl.Trainer) -> None:
+        if not self._block_stalls or trainer.global_rank != 0:
+            return
+        import os
+
+        directory = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(directory, exist_ok=True)
+        stalls = {f: {n: t.cpu() for n, t in by_param.items()} for f, by_param in self._block_stalls.items()}
+        torch.save({"block_size": self.block_size, "stalls": stalls}, os.path.join(directory, "mx_block_stalls.pt"))
 
     def _new_fused_pass(self, params: Sequence[torch.Tensor]) -> FusedPass:
         return FusedPass(params, self.formats, self.diagnostics, per_parameter_stalls=self.stall_threshold is not None)
@@ -446,6 +487,7 @@ class QuantizationMonitor(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        self._save_block_stalls(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
