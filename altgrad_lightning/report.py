@@ -361,7 +361,10 @@ def plot_mx_block_heatmap(run: RunLog, path: str | os.PathLike[str]) -> bool:
         return False
     plt = _pyplot()
     n_cols = min(_MX_PANELS, max(len(p) for p in stalls.values()))
-    fig, axes = plt.subplots(len(stalls), n_cols, figsize=(3.2 * n_cols + 1.5, 3.0 * len(stalls) + 0.8), squeeze=False)
+    size = (3.2 * n_cols + 1.5, 3.4 * len(stalls) + 1.0)
+    fig, axes = plt.subplots(len(stalls), n_cols, figsize=size, squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad("lightgrey")  # blocks without any update
     image = None
     for r, (fmt, by_param) in enumerate(stalls.items()):
         largest = sorted(by_param, key=lambda n: -by_param[n][..., 0].numel())[:n_cols]
@@ -373,7 +376,10 @@ def plot_mx_block_heatmap(run: RunLog, path: str | os.PathLike[str]) -> bool:
             counts = by_param[largest[c]].to(torch.float64).numpy()
             with np.errstate(invalid="ignore", divide="ignore"):
                 frac = np.where(counts[..., 0] > 0, counts[..., 1] / counts[..., 0], np.nan)
-            image = ax.imshow(frac, aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap="magma")
+            image = ax.imshow(frac, aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap=cmap)
+            n_blocks = frac.shape[1]
+            ax.set_xticks(np.unique(np.linspace(0, max(n_blocks - 1, 0), min(n_blocks, 6)).round().astype(int)))
+            ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
             ax.set_title(f"{fmt}\n{largest[c]}", fontsize=8)
             ax.set_xlabel(f"block of {data['block_size']} (last dim)", fontsize=8)
             if c == 0:
@@ -385,7 +391,7 @@ def plot_mx_block_heatmap(run: RunLog, path: str | os.PathLike[str]) -> bool:
     )
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="update stall fraction (0–1)", fraction=0.03, pad=0.02)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

@@ -358,10 +358,12 @@ class QuantizationMonitor(Callback):
             with torch.no_grad():
                 self._accumulate_fused(pending.after(), taken)
                 if self._stall_counts:
-                    rows = torch.tensor([self._param_row[id(p)] for p in pending.params], device=self._device())
+                    # The optimizer's selection is a contiguous run of rows (no index upload, no host sync).
+                    first = self._param_row[id(pending.params[0])]
+                    rows = slice(first, first + len(pending.params))
                     for fmt_name, counts in pending.stall_counts.items():
                         counts = counts if taken is None else torch.where(taken, counts, torch.zeros_like(counts))
-                        self._stall_counts[fmt_name].index_add_(0, rows, counts)
+                        self._stall_counts[fmt_name][rows] += counts
             return
         with torch.no_grad():
             for name, p, before, scales in pending:
