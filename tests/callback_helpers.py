@@ -109,6 +109,31 @@ class ShardedRegressor(TinyRegressor):
         fully_shard(self, mesh=mesh)
 
 
+def distributed_env(rank: int, port: int) -> None:
+    """The environment of rank ``rank`` of 2 processes on one node (what a launcher sets)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
+
+
+def fsdp2_cpu_trainer(tmp_path, callbacks: Sequence[Any]) -> pl.Trainer:
+    """A 2-process FSDP2 Trainer (``ModelParallelStrategy``, gloo, CPU) for 4 steps, logging CSV at steps 1 and 3."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+        accelerator="cpu",
+        devices=2,
+        max_steps=4,
+        log_every_n_steps=2,  # logs at steps 1 and 3
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
 # --- probe ---------------------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,20 @@ def _instantiate(name: str, *overrides: str) -> AltgradCLI:
     )
 
 
+def _run_cli(tmp_path: Path, config: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python -m altgrad_lightning fit --config configs/{config} ...`` in ``tmp_path`` (the real entry point)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "altgrad_lightning", "fit", "--config", str(CONFIGS / config), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def _monitor(cli: AltgradCLI) -> QuantizationMonitor:
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, QuantizationMonitor)]
     return monitor
@@ -83,29 +97,16 @@ def test_storage_configs_instantiate_the_quantizer(name: str, rounding: str):
 def test_storage_config_run_observes_what_the_monitor_predicts(tmp_path: Path):
     """configs/storage_e4m3.yaml through the real entry point, 6 steps logged every step: the monitor's predicted
     update_stall_frac equals the WeightQuantizer's observed stored_update_stall_frac in every CSV row."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "altgrad_lightning",
-            "fit",
-            "--config",
-            str(CONFIGS / "storage_e4m3.yaml"),
-            "--trainer.max_steps=6",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.limit_val_batches=0",
-            "--data.num_train=512",
-            "--report=false",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = _run_cli(
+        tmp_path,
+        "storage_e4m3.yaml",
+        "--trainer.max_steps=6",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0",
+        "--data.num_train=512",
+        "--report=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_step: dict[str, dict[str, float]] = {}
@@ -201,27 +202,14 @@ def test_ddp_config_instantiates():
 @pytest.mark.slow
 def test_ddp_config_runs_on_two_cpu_processes(tmp_path: Path):
     """Two processes (gloo) through the real entry point: rank 0 logs and writes the report once."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "altgrad_lightning",
-            "fit",
-            "--config",
-            str(CONFIGS / "ddp.yaml"),
-            "--trainer.max_steps=4",
-            "--trainer.log_every_n_steps=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.num_sanity_val_steps=0",
-            "--data.num_train=256",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = _run_cli(
+        tmp_path,
+        "ddp.yaml",
+        "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--data.num_train=256",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddp" / "version_0"

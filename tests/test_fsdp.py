@@ -15,7 +15,6 @@ import pickle
 import socket
 import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -27,9 +26,10 @@ from callback_helpers import (
     ShardedRegressor,
     assert_matches,
     csv_rows,
+    distributed_env,
+    fsdp2_cpu_trainer,
     reference,
 )
-from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning import QuantizationMonitor
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, UlpMovement
@@ -47,35 +47,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(rank: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
-    )
-    os.environ["NODE_RANK"] = "0"
-
-
 def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    _env(rank, port)
+    distributed_env(rank, port)
     torch.manual_seed(0)
     monitors = [
         QuantizationMonitor(formats=FORMATS, per_parameter=True),
         QuantizationMonitor(formats=FORMATS, include=r"^net\.2\.", prefix="last"),  # rank 1 owns no element
         QuantizationMonitor(formats=FORMATS, include="no_such_parameter", prefix="none"),
     ]
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
-        accelerator="cpu",
-        devices=2,
-        max_steps=4,
-        log_every_n_steps=2,  # logs at steps 1 and 3
-        logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[*monitors, FullTensorProbe(save_dir=tmp_path), CollectiveCounter(save_dir=tmp_path)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = fsdp2_cpu_trainer(
+        tmp_path, [*monitors, FullTensorProbe(save_dir=tmp_path), CollectiveCounter(save_dir=tmp_path)]
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -155,7 +137,7 @@ def _join(context, tmp_path) -> None:
 
 
 def _reduction_worker(rank: int, port: int, tmp_path: str) -> None:
-    _env(rank, port)
+    distributed_env(rank, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         g = torch.Generator().manual_seed(1)

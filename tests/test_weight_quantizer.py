@@ -19,7 +19,18 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from callback_helpers import FullTensorProbe, ShardedRegressor, TinyRegressor, _grid, csv_rows, fit, native, round_to
+from callback_helpers import (
+    FullTensorProbe,
+    ShardedRegressor,
+    TinyRegressor,
+    _grid,
+    csv_rows,
+    distributed_env,
+    fit,
+    fsdp2_cpu_trainer,
+    native,
+    round_to,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning.callbacks.quantization_monitor import QuantizationMonitor
@@ -334,29 +345,15 @@ class FullStored(pl.Callback):
 
 
 def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
+    distributed_env(rank, port)
     torch.manual_seed(0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
-        accelerator="cpu",
-        devices=2,
-        max_steps=4,
-        log_every_n_steps=2,
-        logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[
-            WeightQuantizer(E4M3),
-            QuantizationMonitor(formats=E4M3, diagnostics=("flips",)),
-            FullTensorProbe(save_dir=tmp_path),
-            FullStored(tmp_path),
-        ],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    callbacks = [
+        WeightQuantizer(E4M3),
+        QuantizationMonitor(formats=E4M3, diagnostics=("flips",)),
+        FullTensorProbe(save_dir=tmp_path),
+        FullStored(tmp_path),
+    ]
+    trainer = fsdp2_cpu_trainer(tmp_path, callbacks)
     trainer.fit(ShardedRegressor(lr=1e-2))
 
 
