@@ -108,3 +108,12 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 
 def _amax_scale(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     return torch.where(torch.isfinite(amax) & (amax > 0), amax / fmt.max, torch.ones_like(amax))
+
+
+def _scale_for(w: torch.Tensor, fmt: FloatFormat, scaling: str, block_size: int) -> torch.Tensor | None:
+    """The scale of ``w`` on ``fmt``'s grid for a callback's ``scaling`` (``"none"``, ``"amax"`` or ``"mx"``)."""
+    if scaling == "mx":
+        return _mx_scale(w, fmt, block_size)
+    if scaling == "amax":
+        return _amax_scale(_amax(w), fmt)
+    return None

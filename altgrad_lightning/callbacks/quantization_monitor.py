@@ -19,7 +19,7 @@ from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
 from altgrad_lightning.quantize import quantize_to_grid
-from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale, block_sums
+from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _scale_for, block_sums
 
 __all__ = ["QuantizationMonitor"]
 
@@ -253,17 +253,9 @@ class QuantizationMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        selected_names: list[str] = []
-        self._selected = {}
-        for i, optimizer in enumerate(trainer.optimizers):
-            chosen = []
-            for j, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-                name = names.get(id(p), f"optimizer_{i}.param_{j}")
-                if p.requires_grad and self._is_selected(name):
-                    chosen.append((name, p))
-                    selected_names.append(name)
-            self._selected[id(optimizer)] = chosen
+        self._selected = _select_parameters(trainer, pl_module, self.include, self.exclude)
+        selected_names = [name for chosen in self._selected.values() for name, _ in chosen]
+        for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
         self._sharded = _is_sharded(trainer, pl_module)
         if self._sharded and self.scaling == "mx":
@@ -448,11 +440,7 @@ class QuantizationMonitor(Callback):
         self._skipped_steps += len(self._stepping)
         self._stepping.clear()
         self._pending.clear()
-        # The same tests Lightning uses to flush the step's logs. Batches that only accumulate gradients pass
-        # `should_update_logs` too, but Lightning drops what they log: computing (and resetting) there would lose
-        # the window's earlier steps.
-        accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
-        if trainer._logger_connector.should_update_logs and not accumulating and self._sampled:
+        if _flushes_logs(trainer, pl_module) and self._sampled:
             self._sampled = 0
             values = _to_host(self._compute_and_reset())
             if self.stall_threshold is not None:
@@ -536,11 +524,6 @@ class QuantizationMonitor(Callback):
                 self._stall_counts[name] = counts.to(self._stall_counts[name].device)
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    def _is_selected(self, name: str) -> bool:
-        if self.include and not any(r.search(name) for r in self.include):
-            return False
-        return not any(r.search(name) for r in self.exclude)
-
     def _owns(self, p: torch.Tensor) -> bool:
         """Whether this rank counts (its local elements of) ``p``: always when not sharded."""
         return not self._sharded or self._local.get(id(p)) is not None
@@ -551,11 +534,7 @@ class QuantizationMonitor(Callback):
         return t if view is None else view(t)
 
     def _scale(self, w: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
-        if self.scaling == "none":
-            return None
-        if self.scaling == "mx":
-            return _mx_scale(w, fmt, self.block_size)
-        return _amax_scale(_amax(w), fmt)
+        return _scale_for(w, fmt, self.scaling, self.block_size)
 
     def _sharded_scales(self, key: int) -> dict[int, list[torch.Tensor | None]]:
         """The ``amax`` scales of a sharded run: the amax of each whole parameter, from one packed all-reduce
@@ -722,6 +701,36 @@ def _to_local(t: torch.Tensor) -> torch.Tensor:
 
 def _unpadded(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t.reshape(-1)[:n]
+
+
+def _select_parameters(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    include: Sequence[re.Pattern[str]],
+    exclude: Sequence[re.Pattern[str]],
+) -> dict[int, list[tuple[str, torch.nn.Parameter]]]:
+    """Per optimizer (``id``), its trainable parameters whose name matches one ``include`` pattern (any, when there
+    are none) and no ``exclude`` pattern, as ``(name, parameter)`` in the optimizer's order. A parameter the module
+    does not name is called ``optimizer_{i}.param_{j}``."""
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    selected = {}
+    for i, optimizer in enumerate(trainer.optimizers):
+        chosen = []
+        for j, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+            name = names.get(id(p), f"optimizer_{i}.param_{j}")
+            wanted = not include or any(r.search(name) for r in include)
+            if p.requires_grad and wanted and not any(r.search(name) for r in exclude):
+                chosen.append((name, p))
+        selected[id(optimizer)] = chosen
+    return selected
+
+
+def _flushes_logs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether Lightning flushes its logs after this batch: the tests it uses itself. Batches that only accumulate
+    gradients pass ``should_update_logs`` too, but Lightning drops what they log: computing (and resetting) there
+    would lose the window's earlier steps."""
+    accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
+    return bool(trainer._logger_connector.should_update_logs) and not accumulating
 
 
 def _stepping_batches(trainer: pl.Trainer) -> int:

@@ -12,21 +12,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from altgrad_lightning.callbacks.quantization_monitor import (
+    _SCALINGS,
     _compile,
+    _flushes_logs,
     _is_sharded,
     _local_views,
     _log_values,
+    _select_parameters,
     _to_host,
     _to_local,
 )
 from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
 from altgrad_lightning.functional._reduce import count, ratio
 from altgrad_lightning.quantize import Rounding, quantize
-from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _mx_scale
+from altgrad_lightning.scaling import _check_block_size, _scale_for
 
 __all__ = ["WeightQuantizer"]
 
-_SCALINGS = ("none", "amax", "mx")
 _N_TOTAL, _N_UPDATED, _N_STALL, _N_MOVED = range(4)
 
 
@@ -165,17 +167,8 @@ class WeightQuantizer(Callback):
     # --- Lightning hooks -----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        self._selected = {}
-        unique: dict[int, torch.nn.Parameter] = {}
-        for i, optimizer in enumerate(trainer.optimizers):
-            chosen = []
-            for j, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-                name = names.get(id(p), f"optimizer_{i}.param_{j}")
-                if p.requires_grad and self._is_selected(name):
-                    chosen.append((name, p))
-                    unique[id(p)] = p
-            self._selected[id(optimizer)] = chosen
+        self._selected = _select_parameters(trainer, pl_module, self.include, self.exclude)
+        unique = {id(p): p for chosen in self._selected.values() for _, p in chosen}
         self._sharded = _is_sharded(trainer, pl_module)
         if self._sharded and self.scaling != "none":
             raise ValueError(
@@ -236,10 +229,7 @@ class WeightQuantizer(Callback):
         self._snapshots.clear()
         if not self.log_stats:
             return
-        # The monitor's test: the steps Lightning flushes its logs at (batches that only accumulate gradients are
-        # dropped by Lightning, so the window goes on).
-        accumulating = pl_module.automatic_optimization and trainer.fit_loop._should_accumulate()
-        if trainer._logger_connector.should_update_logs and not accumulating:
+        if _flushes_logs(trainer, pl_module):  # the monitor's logging steps
             _log_values(trainer, _to_host(self._compute_and_reset()))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -272,11 +262,6 @@ class WeightQuantizer(Callback):
             self._counts = counts.to(device=self._counts.device, dtype=torch.int64).clone()
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    def _is_selected(self, name: str) -> bool:
-        if self.include and not any(r.search(name) for r in self.include):
-            return False
-        return not any(r.search(name) for r in self.exclude)
-
     def _owns(self, p: torch.Tensor) -> bool:
         """Whether this rank counts (its local elements of) ``p``: always when not sharded."""
         return not self._sharded or self._local.get(id(p)) is not None
@@ -290,11 +275,7 @@ class WeightQuantizer(Callback):
 
     def _store(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` rounded onto the (scaled) grid, saturating, in ``w``'s dtype."""
-        scale: torch.Tensor | None = None
-        if self.scaling == "mx":
-            scale = _mx_scale(w, self.format, self.block_size)
-        elif self.scaling == "amax":
-            scale = _amax_scale(_amax(w), self.format)
+        scale = _scale_for(w, self.format, self.scaling, self.block_size)
         generator = self._generator(w.device) if self.rounding is Rounding.STOCHASTIC else None
         return quantize(w, self.format, scale=scale, rounding=self.rounding, saturate=True, generator=generator)
 
