@@ -15,10 +15,10 @@ from torch.utils.hooks import RemovableHandle
 
 from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
 from altgrad_lightning.functional._fused import FusedPass, fused_supported
+from altgrad_lightning.functional.flips import _flip_sums_and_masks
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
-from altgrad_lightning.quantize import quantize_to_grid
 from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _scale_for, block_sums
 
 __all__ = ["QuantizationMonitor"]
@@ -366,11 +366,14 @@ class QuantizationMonitor(Callback):
                 if "flips" in self.diagnostics:
                     for fmt, scale in zip(self.formats, scales, strict=False):
                         metrics = self._metric("flips", fmt, name)
-                        sums = _masked(metrics[0].sums_of(before, w, scale), taken)
+                        if self._block_stalls:  # the same pass also gives the per-block counts
+                            sums, updated, stalled = _flip_sums_and_masks(before, w, fmt, scale)
+                            self._count_block_stalls(fmt, name, updated, stalled, taken)
+                        else:
+                            sums = metrics[0].sums_of(before, w, scale)
+                        sums = _masked(sums, taken)
                         for m in metrics:
                             m.accumulate(sums)
-                        if self._block_stalls:
-                            self._count_block_stalls(fmt, name, before, w, scale, taken)
                         if self._stall_counts:
                             row = self._param_row[id(p)]
                             counts = torch.stack([sums["n_updated"], sums["n_stall"]]).to(torch.float64)
@@ -380,17 +383,13 @@ class QuantizationMonitor(Callback):
         self,
         fmt: FloatFormat,
         name: str,
-        before: torch.Tensor,
-        after: torch.Tensor,
-        scale: torch.Tensor | None,
+        updated: torch.Tensor,
+        stalled: torch.Tensor,
         taken: torch.Tensor | None,
     ) -> None:
         """Add one step's updated and stalled weights per MX block of parameter ``name`` (``_block_stalls``)."""
-        qb, qa = quantize_to_grid(before, fmt, scale), quantize_to_grid(after, fmt, scale)
-        updated = torch.isfinite(before) & torch.isfinite(after) & ~torch.isnan(qa - qb) & (after != before)
-        counts = torch.stack(
-            [block_sums(updated, self.block_size), block_sums(updated & (qa == qb), self.block_size)], -1
-        ).to(torch.float64)
+        counts = torch.stack([block_sums(updated, self.block_size), block_sums(stalled, self.block_size)], -1)
+        counts = counts.to(torch.float64)
         if taken is not None:
             counts = torch.where(taken, counts, torch.zeros_like(counts))
         store = self._block_stalls[fmt.name]

@@ -87,6 +87,13 @@ def _flip_update(
     before: torch.Tensor, after: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None = None
 ) -> Sums:
     """Mergeable sums for :func:`flip_statistics`."""
+    return _flip_sums_and_masks(before, after, fmt, scale)[0]
+
+
+def _flip_sums_and_masks(
+    before: torch.Tensor, after: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None
+) -> tuple[Sums, torch.Tensor, torch.Tensor]:
+    """:func:`_flip_update`'s sums and its element-wise ``updated`` and ``stalled`` masks (for per-block counts)."""
     qb, qa = quantize_to_grid(before, fmt, scale), quantize_to_grid(after, fmt, scale)
     steps = (grid_index(qa, fmt) - grid_index(qb, fmt)).abs()
     valid = torch.isfinite(before) & torch.isfinite(after) & ~torch.isnan(steps)
@@ -96,18 +103,20 @@ def _flip_update(
     def square_sum(x: torch.Tensor) -> torch.Tensor:
         return masked_sum(x.abs().clamp_max(_SQUARE_LIMIT).square(), updated)
 
-    return {
+    stalled = updated & (steps == 0)
+    sums = {
         "n_total": torch.tensor(before.numel(), dtype=torch.int64, device=before.device),
         "n_valid": count(valid),
         "n_updated": count(updated),
         "n_flip": count(valid & (steps != 0)),
-        "n_stall": count(updated & (steps == 0)),
+        "n_stall": count(stalled),
         "sum_steps": masked_sum(steps, valid),
         "sum_sr_move": masked_sum(p_move, updated),
         "sum_update_sq": square_sum(d),
         "sum_nearest_sq": square_sum(nearest),
         "sum_sr_sq": square_sum(expected),
     }
+    return sums, updated, stalled
 
 
 def _flip_compute(sums: Sums) -> dict[str, torch.Tensor]:
