@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from altgrad_lightning.functional.flips import _flip_sums_and_masks
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
+from altgrad_lightning.report import MX_BLOCK_FILE
 from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _scale_for, block_sums
 
 __all__ = ["QuantizationMonitor"]
@@ -398,12 +400,10 @@ class QuantizationMonitor(Callback):
     def _save_block_stalls(self, trainer: pl.Trainer) -> None:
         if not self._block_stalls or trainer.global_rank != 0:
             return
-        import os
-
         directory = trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         stalls = {f: {n: t.cpu() for n, t in by_param.items()} for f, by_param in self._block_stalls.items()}
-        torch.save({"block_size": self.block_size, "stalls": stalls}, os.path.join(directory, "mx_block_stalls.pt"))
+        torch.save({"block_size": self.block_size, "stalls": stalls}, os.path.join(directory, MX_BLOCK_FILE))
 
     def _new_fused_pass(self, params: Sequence[torch.Tensor]) -> FusedPass:
         return FusedPass(params, self.formats, self.diagnostics, per_parameter_stalls=self.stall_threshold is not None)

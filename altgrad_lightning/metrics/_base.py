@@ -134,8 +134,8 @@ def all_reduce_sums(sums: Sequence[Sums], group: Any = None) -> list[Sums]:
 def sums_to_host(sums: Sequence[Sums]) -> list[Sums]:
     """``sums`` as CPU tensors (same names, shapes and dtypes) in one device-to-host transfer.
 
-    Turning sums into statistics takes a few dozen tiny operations per metric: on a GPU each is a kernel launch
-    (about 17 ms for the ~70 states of two formats, measured on an H100), on the host a few microseconds.
+    Turning sums into statistics takes a few dozen tiny operations per metric: on a GPU each is a kernel launch,
+    on the host a few microseconds. (The gain was not measured on its own: see ``benchmarks/NOTES.md``.)
     """
     packed = _pack(sums)
     if not packed:
