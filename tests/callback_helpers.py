@@ -115,23 +115,25 @@ def distributed_env(rank: int, port: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
 
 
-def fsdp2_cpu_trainer(tmp_path, callbacks: Sequence[Any]) -> pl.Trainer:
-    """A 2-process FSDP2 Trainer (``ModelParallelStrategy``, gloo, CPU) for 4 steps, logging CSV at steps 1 and 3."""
+def fsdp2_cpu_trainer(tmp_path, callbacks: Sequence[Any], **overrides: Any) -> pl.Trainer:
+    """A 2-process FSDP2 Trainer (``ModelParallelStrategy``, gloo, CPU) for 4 steps, logging CSV at steps 1 and 3
+    (``overrides`` replace any of these Trainer arguments)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
-        accelerator="cpu",
-        devices=2,
-        max_steps=4,
-        log_every_n_steps=2,  # logs at steps 1 and 3
-        logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=list(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    kwargs: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "strategy": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+        "accelerator": "cpu",
+        "devices": 2,
+        "max_steps": 4,
+        "log_every_n_steps": 2,  # logs at steps 1 and 3
+        "logger": CSVLogger(tmp_path, name="csv"),
+        "callbacks": list(callbacks),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return pl.Trainer(**{**kwargs, **overrides})
 
 
 # --- probe ---------------------------------------------------------------------------------------------------------

@@ -15,21 +15,25 @@ import pickle
 import socket
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
 from callback_helpers import (
+    NP_FORMATS,
     CollectiveCounter,
     FullTensorProbe,
     ShardedRegressor,
+    _grid,
     assert_matches,
     csv_rows,
     distributed_env,
     fsdp2_cpu_trainer,
     reference,
 )
+from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning import QuantizationMonitor
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, UlpMovement
@@ -55,6 +59,7 @@ def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
         QuantizationMonitor(formats=FORMATS, per_parameter=True),
         QuantizationMonitor(formats=FORMATS, include=r"^net\.2\.", prefix="last"),  # rank 1 owns no element
         QuantizationMonitor(formats=FORMATS, include="no_such_parameter", prefix="none"),
+        QuantizationMonitor(formats=FORMATS, scaling="amax", prefix="amax"),
     ]
     trainer = fsdp2_cpu_trainer(
         tmp_path, [*monitors, FullTensorProbe(save_dir=tmp_path), CollectiveCounter(save_dir=tmp_path)]
@@ -80,8 +85,8 @@ def test_fsdp2_two_cpu_processes_log_the_global_values(tmp_path):
     _join(context, tmp_path)
 
     info = [pickle.load(open(tmp_path / f"rank{r}.pkl", "rb")) for r in (0, 1)]
-    assert info[0]["sharded"] == info[1]["sharded"] == [True, True, True]
-    assert info[0]["fused_steps"] == [0, 0, 0]
+    assert info[0]["sharded"] == info[1]["sharded"] == [True] * 4
+    assert info[0]["fused_steps"] == [0] * 4
     # The layout the test relies on: rank 1 holds empty shards of net.2.
     assert info[0]["shards"]["net.2.weight"] == (1, 12) and info[1]["shards"]["net.2.weight"] == (0, 12)
     assert info[0]["shards"]["net.0.weight"] == info[1]["shards"]["net.0.weight"] == (6, 6)
@@ -108,17 +113,68 @@ def test_fsdp2_two_cpu_processes_log_the_global_values(tmp_path):
             assert_matches(row, ref, what=(name, row["step"]))
         assert row["none/float8_e4m3fn/grad_below_stiffness_frac"] == 0.0
         assert row["none/ulp_mean"] == 0.0
+        assert_matches(row, _amax_reference(window), what=("amax", row["step"]))
 
-    # Two collectives (one SUM, one MAX) per monitor and logging step, on both ranks; nothing at other steps.
+    # Two collectives (one SUM, one MAX) per monitor and logging step, on both ranks, and one MAX of the shards'
+    # amaxes per step for the amax monitor; nothing else.
     for r in (0, 1):
         calls = pickle.load(open(tmp_path / f"collectives_rank{r}.pkl", "rb"))
         assert all(name == "all_reduce" for _, name, _ in calls), calls
         by_step = {}
         for step, _, op in calls:
             by_step.setdefault(step, []).append(op)
-        assert sorted(by_step) == [2, 4], calls  # global_step has advanced when on_train_batch_end runs
-        for ops in by_step.values():
-            assert len(ops) == 2 * 3 and sum("SUM" in op for op in ops) == 3 and sum("MAX" in op for op in ops) == 3
+        assert sorted(by_step) == [0, 1, 2, 3, 4], calls  # global_step has advanced when on_train_batch_end runs
+        for step, ops in by_step.items():  # the amax MAX runs before global_step advances, the logging after
+            sums = 4 if step in (2, 4) else 0
+            maxes = sums + (step < 4)
+            assert sum("SUM" in op for op in ops) == sums and sum("MAX" in op for op in ops) == maxes, (step, ops)
+
+
+def _round64(x: np.ndarray, name: str) -> np.ndarray:
+    """Saturating nearest rounding of float64 values (``w / scale`` need not be a float32) onto the format's grid,
+    by enumerating it; ties (which random data does not produce) are refused rather than guessed."""
+    grid = _grid(name)
+    x = np.clip(x, grid[0], grid[-1])
+    hi = np.clip(np.searchsorted(grid, x), 1, grid.size - 1)
+    below, above = grid[hi - 1], grid[hi]
+    assert not np.any(x - below == above - x), "a tie: this reference does not round ties"
+    return np.where(x - below < above - x, below, above)
+
+
+def _amax_reference(window) -> dict[str, float]:
+    """The ``amax``-scaled fractions of a window of the probe's (whole-tensor) steps: per parameter and step,
+    ``scale = amax(|w|) / max`` in float32 (as the monitor computes it for float32 weights), grids ``scale * F``;
+    each parameter's largest weight is then on the grid (``scale * max`` rounds back to it in float32)."""
+    from callback_helpers import stiffness_ref
+
+    out = {}
+    for name in FORMATS:
+        fmt_max = np.float32(ml_dtypes.finfo(NP_FORMATS[name]).max)
+        w_all, g_all, x_all, b_all, a_all = [], [], [], [], []
+        for step in window:
+            for w, g, before, after in zip(step["w"], step["g"], step["dtype"], step["w_after"], strict=True):
+                x = np.float64(np.float32(np.abs(before).max()) / fmt_max)
+                w_all.append(w.ravel())
+                g_all.append(g.ravel())
+                x_all.append(np.full(w.size, x))
+                b_all.append(before.astype(np.float64).ravel())
+                a_all.append(after.astype(np.float64).ravel())
+        w, g, x, b, a = (np.concatenate(v) for v in (w_all, g_all, x_all, b_all, a_all))
+        valid = w != 0
+        q = (x * _round64(w / x, name)).astype(np.float32)  # quantize returns the weights' dtype
+        qb, qa = _round64(b / x, name), _round64(a / x, name)
+        updated = a != b
+        expected = {
+            "grad_below_stiffness_frac": np.mean(np.abs(g[valid]) < (x * stiffness_ref(w / x, name))[valid]),
+            "on_grid_frac": np.mean(q == w),
+            "overflow_frac": np.mean(np.abs(w / x) > fmt_max),
+            "underflow_frac": np.mean((q == 0) & (w != 0)),
+            "flip_frac": np.mean(qa != qb),
+            "update_stall_frac": np.mean(qa[updated] == qb[updated]),
+            "updated_frac": np.mean(updated),
+        }
+        out.update({f"amax/{name}/{k}": float(v) for k, v in expected.items()})
+    return out
 
 
 def _join(context, tmp_path) -> None:
@@ -131,6 +187,52 @@ def _join(context, tmp_path) -> None:
             for p in context.processes:
                 p.kill()
             raise TimeoutError(f"FSDP2 run did not finish within {TIMEOUT_S} s (deadlock?)")
+
+
+# --- resuming a sharded run ------------------------------------------------------------------------------------------
+
+
+def _resume_worker(rank: int, port: int, tmp_path: str, resume: bool) -> None:
+    """Two epochs of 3 steps, logging at steps 1, 3 and 5: the window of step 3 holds step 2 of epoch 0 and step 3
+    of epoch 1. Straight through (saving a checkpoint at every epoch end), or resumed from the epoch-0 checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    distributed_env(rank, port)
+    torch.manual_seed(1 if resume else 0)  # the resumed run must not depend on the fresh model's initialisation
+    root = os.path.join(tmp_path, "resumed" if resume else "straight")
+    callbacks = [
+        QuantizationMonitor(formats=FORMATS, per_parameter=True, stall_threshold=0.5),
+        ModelCheckpoint(dirpath=os.path.join(tmp_path, "ckpt"), save_top_k=-1),
+    ]
+    trainer = fsdp2_cpu_trainer(
+        root,
+        callbacks,
+        max_steps=-1,
+        max_epochs=2,
+        limit_train_batches=3,
+        enable_checkpointing=True,
+        logger=CSVLogger(root, name="csv"),
+    )
+    ckpt = os.path.join(tmp_path, "ckpt", "epoch=0-step=3.ckpt") if resume else None
+    trainer.fit(ShardedRegressor(), ckpt_path=ckpt)
+
+
+def test_fsdp2_resume_mid_window_logs_the_uninterrupted_series(tmp_path):
+    """A checkpoint taken mid logging window holds the window's sums of both ranks (reduced in ``state_dict``): the
+    run resumed from it logs what the run that never stopped logs, every key (per parameter, stall alert) at every
+    logging step."""
+    for resume in (False, True):
+        context = mp.start_processes(_resume_worker, args=(_free_port(), str(tmp_path), resume), nprocs=2, join=False)
+        _join(context, tmp_path)
+    straight, resumed = csv_rows(tmp_path / "straight"), csv_rows(tmp_path / "resumed")
+    logged = lambda rows: {r["step"]: r for r in rows if "altgrad/ulp_mean" in r}  # noqa: E731
+    straight, resumed = logged(straight), logged(resumed)
+    assert sorted(straight) == [1, 3, 5] and sorted(resumed) == [3, 5]
+    for step in (3, 5):
+        keys = [k for k in straight[step] if k.startswith("altgrad/")]
+        assert len(keys) > 100 and set(keys) <= set(resumed[step])
+        for key in keys:
+            assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-12, abs=1e-15), (step, key)
 
 
 # --- the packed reduction on hand-made shards ------------------------------------------------------------------------

@@ -599,3 +599,29 @@ def test_monitor_mx_block_stalls_file_and_report_heatmap(tmp_path) -> None:
     written = write_report(tmp_path / "csv" / "version_0")
     assert tmp_path / "csv" / "version_0" / "mx_block_heatmap.png" in written
     assert "mx_block_heatmap.png" in (tmp_path / "csv" / "version_0" / "summary.md").read_text()
+
+
+def test_monitor_mx_block_stalls_survive_a_resume(tmp_path) -> None:
+    """The fit-long block counts are part of the monitor's checkpoint state: a run resumed from the end of epoch 0
+    saves the same mx_block_stalls.pt as the run that never stopped (whose counts the test above checks)."""
+    from callback_helpers import TinyRegressor, fit
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from altgrad_lightning import QuantizationMonitor
+
+    def run(root, ckpt_path=None):
+        torch.manual_seed(0 if ckpt_path is None else 1)  # the resumed run must not depend on a fresh model
+        monitor = QuantizationMonitor(formats=["float8_e4m3fn"], scaling="mx", block_size=4, per_parameter=True)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        fit(root, monitor, model=TinyRegressor(lr=3e-3), max_steps=-1, max_epochs=2, limit_train_batches=3,
+            callbacks=[checkpoints], enable_checkpointing=True, fit_kwargs={"ckpt_path": ckpt_path})  # fmt: skip
+        return torch.load(root / "csv" / "version_0" / "mx_block_stalls.pt", weights_only=True)["stalls"]
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert sorted(resumed["float8_e4m3fn"]) == sorted(straight["float8_e4m3fn"]) == [
+        "net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"
+    ]  # fmt: skip
+    for name, counts in straight["float8_e4m3fn"].items():
+        assert counts[..., 0].sum() > 0
+        torch.testing.assert_close(resumed["float8_e4m3fn"][name], counts, rtol=0, atol=0, msg=name)

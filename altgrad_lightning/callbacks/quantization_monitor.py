@@ -486,15 +486,35 @@ class QuantizationMonitor(Callback):
 
     # --- checkpointing -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The window not logged yet (its sums), counters and alerts already given, for checkpoints.
+
+        Sharded (FSDP, ``ModelParallelStrategy``): every rank holds the sums of its own elements, and only rank 0's
+        copy of callback states reaches the checkpoint; the pending sums are therefore reduced over the ranks here
+        (one packed SUM and one packed MAX all-reduce), and rank 0 alone takes them back on resume. This makes
+        ``state_dict`` a collective in a sharded run, as the model's own state dict is: Lightning calls it on every
+        rank when it saves a checkpoint (``trainer.save_checkpoint`` must be called on every rank).
+        """
+        sums = [m.sums() for m in self._metrics.values()]
+        stalls = [{"counts": c} for c in self._stall_counts.values()]
+        if self._sharded and sums and _distributed_ready():
+            reduced = all_reduce_sums(sums + stalls)
+            sums, stalls = reduced[: len(sums)], reduced[len(sums) :]
         return {
             "skipped_steps": self._skipped_steps + self._skipped_device_count(),
             "sampled_steps": self._sampled,
             # Copies: the states are updated in place (on CPU, .cpu() alone would hand out the live tensors).
             "metrics": {
-                key: {k: v.detach().cpu().clone() for k, v in m.sums().items()} for key, m in self._metrics.items()
+                key: {k: v.detach().cpu().clone() for k, v in s.items()}
+                for key, s in zip(self._metrics, sums, strict=True)
             },
-            "stall_counts": {name: c.detach().cpu().clone() for name, c in self._stall_counts.items()},
+            "stall_counts": {
+                name: s["counts"].detach().cpu().clone() for name, s in zip(self._stall_counts, stalls, strict=True)
+            },
             "stall_warned": sorted(self._stall_warned),
+            "block_stalls": {
+                f: {n: t.detach().cpu().clone() for n, t in by_param.items()}
+                for f, by_param in self._block_stalls.items()
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -509,8 +529,12 @@ class QuantizationMonitor(Callback):
         self._sampled = int(state.get("sampled_steps", 0))
         self._skipped_on_device = None
         self._stall_warned = {(f, n) for f, n in state.get("stall_warned", [])}
-        # Sharded: the checkpoint holds one rank's local sums (rank 0 writes it). Restoring them on every rank would
-        # count them once per rank: rank 0 alone takes them (the other ranks' share of that window is lost).
+        if self._block_stalls:  # not sharded (scaling="mx" is refused there): every rank has the same counts
+            for fmt_name, by_param in state.get("block_stalls", {}).items():
+                if fmt_name in self._block_stalls:
+                    self._block_stalls[fmt_name] = {n: t.to(self._device()) for n, t in by_param.items()}
+        # Sharded: the checkpoint holds the sums reduced over all ranks (see state_dict). Restoring them on every
+        # rank would count them once per rank: rank 0 alone takes them.
         if self._sharded and self._rank != 0:
             return
         for key, sums in state.get("metrics", {}).items():
@@ -623,6 +647,12 @@ class QuantizationMonitor(Callback):
         self._pending.clear()
         self._stepping.clear()
         self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
+
+
+def _distributed_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _is_dtensor(t: Any) -> bool:
