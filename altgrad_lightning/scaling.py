@@ -57,32 +57,46 @@ def mx_scale(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32) -> torch
     return _mx_scale(x, get_format(fmt, arg="fmt"), _check_block_size(block_size))
 
 
-def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+def _blocks(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor:
     """``x`` as ``(rows, n_blocks, block_size)``: blocks along the last dimension (a 0-d tensor is one row of one),
-    the last block of a row padded with zeros, which change no block's amax or sum."""
+    the last block of a row padded with zeros, which change no block's amax or sum. ``lead`` zeros go before each
+    row's first element: a shard whose last dimension starts ``lead`` elements into a block."""
     n = x.shape[-1] if x.ndim else 1
     rows = x.reshape(x.numel() // n if n else 0, n)
-    n_blocks = -(-n // block_size)
-    if n_blocks * block_size != n:
-        rows = torch.nn.functional.pad(rows, (0, n_blocks * block_size - n))
+    n_blocks = -(-(lead + n) // block_size)
+    if lead or n_blocks * block_size != n:
+        rows = torch.nn.functional.pad(rows, (lead, n_blocks * block_size - n - lead))
     return rows.reshape(rows.shape[0], n_blocks, block_size)
 
 
-def block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Sum of each MX block of ``x`` (blocks as :func:`mx_scale` forms them), shape ``(rows, n_blocks)``, int64 for
-    a boolean ``x``."""
-    return _blocks(x.to(torch.int64) if x.dtype == torch.bool else x, block_size).sum(-1)
+def block_sums(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor:
+    """Sum of each MX block of ``x`` (blocks as :func:`mx_scale` forms them; ``lead`` as in ``_blocks``), shape
+    ``(rows, n_blocks)``, int64 for a boolean ``x``."""
+    return _blocks(x.to(torch.int64) if x.dtype == torch.bool else x, block_size, lead).sum(-1)
+
+
+def _block_amax(x: torch.Tensor, block_size: int, lead: int = 0) -> torch.Tensor:
+    """The largest magnitude of each MX block of ``x`` (NaN where a block holds NaN), ``(rows, n_blocks)``, float32
+    (float64 for float64 ``x``)."""
+    blocks = _blocks(x.abs().to(torch.float64 if x.dtype == torch.float64 else torch.float32), block_size, lead)
+    return blocks.amax(-1) if blocks.numel() else blocks.new_zeros(blocks.shape[:2])
+
+
+def _mx_block_scale(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """The e8m0 scale (float32) of blocks with these amaxes: NaN for NaN/±inf amaxes and exponents past 127."""
+    exponent = (floor_log2(amax) - fmt.emax).clamp_min(-MX_SCALE_EMAX)
+    bad = ~torch.isfinite(amax) | (exponent > MX_SCALE_EMAX)
+    return torch.where(bad, float("nan"), pow2(exponent.clamp_max(MX_SCALE_EMAX), torch.float32))
+
+
+def _per_element(block_scale: torch.Tensor, block_size: int, shape: torch.Size, lead: int = 0) -> torch.Tensor:
+    """Blocks' scales ``(rows, n_blocks)`` spread over the elements of a tensor of ``shape`` (``lead`` as above)."""
+    n = shape[-1] if len(shape) else 1
+    return block_scale.repeat_interleave(block_size, dim=-1)[:, lead : lead + n].reshape(shape)
 
 
 def _mx_scale(x: torch.Tensor, fmt: FloatFormat, block_size: int) -> torch.Tensor:
-    shape = x.shape
-    n = shape[-1] if x.ndim else 1
-    blocks = _blocks(x.abs().to(torch.float64 if x.dtype == torch.float64 else torch.float32), block_size)
-    amax = blocks.amax(-1) if blocks.numel() else blocks.new_zeros(blocks.shape[:2])
-    exponent = (floor_log2(amax) - fmt.emax).clamp_min(-MX_SCALE_EMAX)
-    bad = ~torch.isfinite(amax) | (exponent > MX_SCALE_EMAX)
-    scale = torch.where(bad, float("nan"), pow2(exponent.clamp_max(MX_SCALE_EMAX), torch.float32))
-    return scale.repeat_interleave(block_size, dim=-1)[:, :n].reshape(shape)
+    return _per_element(_mx_block_scale(_block_amax(x, block_size), fmt), block_size, x.shape)
 
 
 def amax_scale(x: torch.Tensor, fmt: FormatLike) -> torch.Tensor:

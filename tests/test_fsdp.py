@@ -10,6 +10,7 @@ here; the packed reduction itself is also tested on hand-made shards.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import socket
@@ -35,13 +36,14 @@ from callback_helpers import (
 )
 from lightning.pytorch.loggers import CSVLogger
 
-from altgrad_lightning import QuantizationMonitor
+from altgrad_lightning import QuantizationMonitor, WeightQuantizer
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 FORMATS = ("float8_e4m3fn", "bfloat16")
+MX_FORMATS = ("float8_e4m3fn", "float4_e2m1fn")
 TIMEOUT_S = 120
 
 
@@ -189,6 +191,42 @@ def _join(context, tmp_path) -> None:
             raise TimeoutError(f"FSDP2 run did not finish within {TIMEOUT_S} s (deadlock?)")
 
 
+# --- MX block scaling on shards ---------------------------------------------------------------------------------------
+
+
+def _mx_worker(rank: int, port: int, tmp_path: str) -> None:
+    distributed_env(rank, port)
+    torch.manual_seed(0)
+    monitor = QuantizationMonitor(formats=MX_FORMATS, scaling="mx", block_size=4, per_parameter=True)
+    trainer = fsdp2_cpu_trainer(tmp_path, [monitor, FullTensorProbe(save_dir=tmp_path)])
+    trainer.fit(ShardedRegressor())
+
+
+def test_fsdp2_mx_scaling_logs_the_whole_tensor_recomputation(tmp_path):
+    """scaling="mx" (block 4) on FSDP2 shards: rows of a weight stay whole on one rank, while ``net.0.bias`` (12
+    elements, 6 per rank) is cut in the middle of its second block, whose scale then comes from both ranks (one MAX
+    all-reduce). Every logged fraction and the fit's per-block counts equal the numpy recomputation on the whole
+    tensors."""
+    from test_mx import mx_block_counts, mx_window_expected
+
+    context = mp.start_processes(_mx_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    _join(context, tmp_path)
+    steps = pickle.load(open(tmp_path / "probe_rank0.pkl", "rb"))["steps"]
+    rows = csv_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 3]
+    for row, window in zip(rows, (steps[0:2], steps[2:4]), strict=True):
+        for name in MX_FORMATS:
+            for stat, value in mx_window_expected(window, name, 4).items():
+                assert row[f"altgrad/{name}/{stat}"] == pytest.approx(value, abs=1e-12), (row["step"], name, stat)
+    (path,) = glob.glob(os.path.join(tmp_path, "csv", "*", "mx_block_stalls.pt"))
+    stalls = torch.load(path, weights_only=True)["stalls"]
+    for name in MX_FORMATS:
+        expected = mx_block_counts(steps, name, 4)
+        assert sorted(stalls[name]) == sorted(expected)
+        for pname, counts in expected.items():
+            np.testing.assert_array_equal(stalls[name][pname].numpy(), counts, err_msg=f"{name} {pname}")
+
+
 # --- resuming a sharded run ------------------------------------------------------------------------------------------
 
 
@@ -202,6 +240,7 @@ def _resume_worker(rank: int, port: int, tmp_path: str, resume: bool) -> None:
     root = os.path.join(tmp_path, "resumed" if resume else "straight")
     callbacks = [
         QuantizationMonitor(formats=FORMATS, per_parameter=True, stall_threshold=0.5),
+        WeightQuantizer("bfloat16", prefix="stored"),
         ModelCheckpoint(dirpath=os.path.join(tmp_path, "ckpt"), save_top_k=-1),
     ]
     trainer = fsdp2_cpu_trainer(
@@ -218,9 +257,9 @@ def _resume_worker(rank: int, port: int, tmp_path: str, resume: bool) -> None:
 
 
 def test_fsdp2_resume_mid_window_logs_the_uninterrupted_series(tmp_path):
-    """A checkpoint taken mid logging window holds the window's sums of both ranks (reduced in ``state_dict``): the
-    run resumed from it logs what the run that never stopped logs, every key (per parameter, stall alert) at every
-    logging step."""
+    """A checkpoint taken mid logging window holds the window's sums of both ranks (reduced in ``state_dict``), for
+    the monitor and for WeightQuantizer's counts: the run resumed from it logs what the run that never stopped logs,
+    every key (per parameter, stall alert, stored-weight fractions) at every logging step."""
     for resume in (False, True):
         context = mp.start_processes(_resume_worker, args=(_free_port(), str(tmp_path), resume), nprocs=2, join=False)
         _join(context, tmp_path)
@@ -229,8 +268,9 @@ def test_fsdp2_resume_mid_window_logs_the_uninterrupted_series(tmp_path):
     straight, resumed = logged(straight), logged(resumed)
     assert sorted(straight) == [1, 3, 5] and sorted(resumed) == [3, 5]
     for step in (3, 5):
-        keys = [k for k in straight[step] if k.startswith("altgrad/")]
+        keys = [k for k in straight[step] if k.startswith(("altgrad/", "stored/"))]
         assert len(keys) > 100 and set(keys) <= set(resumed[step])
+        assert "stored/bfloat16/stored_update_stall_frac" in keys
         for key in keys:
             assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-12, abs=1e-15), (step, key)
 

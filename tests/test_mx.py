@@ -511,13 +511,63 @@ def test_bad_fmt(fmt) -> None:
 # --- 6. the monitor with scaling="mx" in a real Trainer ----------------------------------------------------------
 
 
+def mx_window_expected(steps, name: str, block_size: int) -> dict[str, float]:
+    """The stiffness, grid and flip fractions of a window of probe steps (whole tensors), recomputed in numpy with
+    the reference block scales of the weights before each step (the flips use them on both sides)."""
+    from callback_helpers import round_to, stiffness_ref
+
+    w_all, g_all, before_all, after_all, scale_all = [], [], [], [], []
+    for step in steps:
+        for w, g, before, after in zip(step["w"], step["g"], step["dtype"], step["w_after"], strict=True):
+            w_all.append(w.ravel())
+            g_all.append(g.ravel())
+            before_all.append(before.astype(np.float64).ravel())
+            after_all.append(after.astype(np.float64).ravel())
+            scale_all.append(ref_mx_scale(w, MX_EMAX[name], block_size).ravel())
+    w, g, b, a, x = (np.concatenate(v) for v in (w_all, g_all, before_all, after_all, scale_all))
+    valid = w != 0
+    s = x * stiffness_ref(w / x, name)
+    q = x * round_to(w / x, name)
+    qb, qa = round_to(b / x, name), round_to(a / x, name)
+    updated = a != b
+    expected = {
+        "grad_below_stiffness_frac": np.mean(np.abs(g[valid]) < s[valid]),
+        "on_grid_frac": np.mean(q == w),
+        "overflow_frac": np.mean(np.abs(w / x) > float(ml_dtypes.finfo(ELEMENT_DTYPES[name]).max)),
+        "underflow_frac": np.mean((q == 0) & (w != 0)),
+        "flip_frac": np.mean(qa != qb),
+        "update_stall_frac": np.mean(qa[updated] == qb[updated]),
+        "updated_frac": np.mean(updated),
+    }
+    return {stat: float(value) for stat, value in expected.items()}
+
+
+def mx_block_counts(steps, name: str, block_size: int) -> dict[str, np.ndarray]:
+    """Per parameter, the (rows, blocks, 2) [n_updated, n_stall] of MX blocks summed over the probe's steps."""
+    from callback_helpers import round_to
+
+    expected: dict[str, np.ndarray] = {}
+    for step in steps:
+        for pname, w, before, after in zip(step["names"], step["w"], step["dtype"], step["w_after"], strict=True):
+            x = ref_mx_scale(w, MX_EMAX[name], block_size)
+            b, a = before.astype(np.float64), after.astype(np.float64)
+            updated = a != b
+            stalled = updated & (round_to(a / x, name) == round_to(b / x, name))
+            rows = rows_of(updated.astype(np.float64)), rows_of(stalled.astype(np.float64))
+            counts = np.stack(
+                [[[r[i, sl].sum() for sl in block_slices(r.shape[1], block_size)] for i in range(r.shape[0])]
+                 for r in rows], -1)  # fmt: skip
+            expected[pname] = expected.get(pname, 0) + counts
+    return expected
+
+
 @pytest.mark.parametrize("block_size", [4, 32])
 def test_monitor_mx_scaling_logs_the_block_scaled_recomputation(tmp_path, block_size: int) -> None:
     """QuantizationMonitor(scaling="mx") in a real Trainer: every step's stiffness, grid and flip fractions equal a
     numpy recomputation on the probe's tensors with the reference block scales of the weights before the step (the
     flips use those scales on both sides). Block size 4 splits the 6- and 12-wide rows into full and partial
     blocks; 32 makes each row one partial block."""
-    from callback_helpers import TinyRegressor, csv_rows, fit, round_to, stiffness_ref
+    from callback_helpers import TinyRegressor, csv_rows, fit
 
     from altgrad_lightning import QuantizationMonitor
 
@@ -528,30 +578,8 @@ def test_monitor_mx_scaling_logs_the_block_scaled_recomputation(tmp_path, block_
     assert len(rows) == len(probe.steps) == 6
     for row, step in zip(rows, probe.steps, strict=True):
         for name in names:
-            w_all, g_all, before_all, after_all, scale_all = [], [], [], [], []
-            for w, g, before, after in zip(step["w"], step["g"], step["dtype"], step["w_after"], strict=True):
-                w_all.append(w.ravel())
-                g_all.append(g.ravel())
-                before_all.append(before.astype(np.float64).ravel())
-                after_all.append(after.astype(np.float64).ravel())
-                scale_all.append(ref_mx_scale(w, MX_EMAX[name], block_size).ravel())
-            w, g, b, a, x = (np.concatenate(v) for v in (w_all, g_all, before_all, after_all, scale_all))
-            valid = w != 0
-            s = x * stiffness_ref(w / x, name)
-            q = x * round_to(w / x, name)
-            qb, qa = round_to(b / x, name), round_to(a / x, name)
-            updated = a != b
-            expected = {
-                "grad_below_stiffness_frac": np.mean(np.abs(g[valid]) < s[valid]),
-                "on_grid_frac": np.mean(q == w),
-                "overflow_frac": np.mean(np.abs(w / x) > float(ml_dtypes.finfo(ELEMENT_DTYPES[name]).max)),
-                "underflow_frac": np.mean((q == 0) & (w != 0)),
-                "flip_frac": np.mean(qa != qb),
-                "update_stall_frac": np.mean(qa[updated] == qb[updated]),
-                "updated_frac": np.mean(updated),
-            }
-            for stat, value in expected.items():
-                assert row[f"altgrad/{name}/{stat}"] == pytest.approx(float(value), abs=1e-12), (name, stat)
+            for stat, value in mx_window_expected([step], name, block_size).items():
+                assert row[f"altgrad/{name}/{stat}"] == pytest.approx(value, abs=1e-12), (name, stat)
         # MXFP4's coarse grid swallows more updates than MXFP8's, at the same scaling.
         assert row["altgrad/float4_e2m1fn/update_stall_frac"] >= row["altgrad/float8_e4m3fn/update_stall_frac"]
 
@@ -568,7 +596,7 @@ def test_monitor_mx_block_stalls_file_and_report_heatmap(tmp_path) -> None:
     """scaling="mx" with per_parameter: mx_block_stalls.pt holds, per format, parameter and MX block, the updated and
     stalled weights summed over the fit, equal to a numpy recomputation from the probe with the reference block
     scales of the weights before each step; the report draws mx_block_heatmap.png from it."""
-    from callback_helpers import TinyRegressor, fit, round_to
+    from callback_helpers import TinyRegressor, fit
 
     from altgrad_lightning import QuantizationMonitor
     from altgrad_lightning.report import write_report
@@ -579,18 +607,7 @@ def test_monitor_mx_block_stalls_file_and_report_heatmap(tmp_path) -> None:
     data = torch.load(tmp_path / "csv" / "version_0" / "mx_block_stalls.pt", weights_only=True)
     assert data["block_size"] == block_size
     for name in names:
-        expected: dict[str, np.ndarray] = {}
-        for step in probe.steps:
-            for pname, w, before, after in zip(step["names"], step["w"], step["dtype"], step["w_after"], strict=True):
-                x = ref_mx_scale(w, MX_EMAX[name], block_size)
-                b, a = before.astype(np.float64), after.astype(np.float64)
-                updated = a != b
-                stalled = updated & (round_to(a / x, name) == round_to(b / x, name))
-                rows = rows_of(updated.astype(np.float64)), rows_of(stalled.astype(np.float64))
-                counts = np.stack(
-                    [[[r[i, sl].sum() for sl in block_slices(r.shape[1], block_size)] for i in range(r.shape[0])]
-                     for r in rows], -1)  # fmt: skip
-                expected[pname] = expected.get(pname, 0) + counts
+        expected = mx_block_counts(probe.steps, name, block_size)
         got = data["stalls"][name]
         assert sorted(got) == sorted(expected)
         for pname, counts in expected.items():
@@ -625,3 +642,23 @@ def test_monitor_mx_block_stalls_survive_a_resume(tmp_path) -> None:
     for name, counts in straight["float8_e4m3fn"].items():
         assert counts[..., 0].sum() > 0
         torch.testing.assert_close(resumed["float8_e4m3fn"][name], counts, rtol=0, atol=0, msg=name)
+
+
+def test_monitor_mx_refuses_fsdp1_flat_shards() -> None:
+    """FSDP1 (flattened 1-D shards of one or several parameters) hides the shapes MX blocks are formed in: one
+    ValueError naming the parameter and what to use instead. (FSDP1 needs a GPU under Lightning: the flattened
+    parameter is imitated by FSDP1's own marker attribute.)"""
+    from altgrad_lightning.callbacks.quantization_monitor import _mx_shard_layout
+
+    flat = torch.nn.Parameter(torch.zeros(10))
+    flat._fsdp_flattened = True  # what FSDP1 sets on FlatParameter and on its use_orig_params views
+    with pytest.raises(ValueError, match=r"FSDP1.*'net\.0\.weight'.*FSDP2"):
+        _mx_shard_layout("net.0.weight", flat)
+    layout = _mx_shard_layout("w", torch.zeros(3, 5, 7))  # a replica: the whole tensor
+    assert (layout.rows, layout.cols, layout.row_offset, layout.col_offset, layout.splits_blocks) == (
+        15,
+        7,
+        0,
+        0,
+        False,
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,7 +23,16 @@ from altgrad_lightning.functional.ulp import ulp_histogram_edges
 from altgrad_lightning.metrics import GradientStiffness, GridAlignment, GridFlips, SumsMetric, UlpMovement
 from altgrad_lightning.metrics._base import all_reduce_sums, reset_all, sums_to_host
 from altgrad_lightning.report import MX_BLOCK_FILE
-from altgrad_lightning.scaling import _amax, _amax_scale, _check_block_size, _scale_for, block_sums
+from altgrad_lightning.scaling import (
+    _amax,
+    _amax_scale,
+    _block_amax,
+    _check_block_size,
+    _mx_block_scale,
+    _per_element,
+    _scale_for,
+    block_sums,
+)
 
 __all__ = ["QuantizationMonitor"]
 
@@ -75,8 +86,10 @@ class QuantizationMonitor(Callback):
             ``2**(floor(log2(amax_block)) - fmt.emax)`` (:func:`~altgrad_lightning.scaling.mx_scale`), so
             ``formats=["float8_e4m3fn", "float4_e2m1fn"]`` with ``scaling="mx"`` measures MXFP8 and MXFP4. Flips
             use the scales of the weights before the step on both sides, so a flip is movement of the weight, not
-            of the scale. ``"mx"`` is not available with sharded parameters (FSDP, ``ModelParallelStrategy``) yet:
-            a shard need not hold whole blocks.
+            of the scale. With FSDP2 (``ModelParallelStrategy``, DTensors sharded along dim 0) a weight's shard
+            holds whole rows, so whole blocks; a 1-D parameter's shard can cut a block, whose scale then comes from
+            one packed ``MAX`` all-reduce of block amaxes per sampled step. FSDP1's flattened shards hide the shapes
+            blocks are formed in: ``"mx"`` raises a ValueError there, as for other placements.
         block_size: elements per MX block (``scaling="mx"`` only; default 32, as MXFP8/MXFP6/MXFP4). With
             ``scaling="mx"`` and ``per_parameter``, the monitor also counts, over the whole fit, each block's updated
             and stalled weights per format and parameter, and rank 0 saves them at the end of fit as
@@ -218,6 +231,8 @@ class QuantizationMonitor(Callback):
         # id(parameter) -> the rank's own elements of a parameter-shaped tensor (the parameter or its gradient),
         # or None where another rank counts this parameter (a replica). Only filled when sharded.
         self._local: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        # scaling="mx" when sharded: id(parameter) -> its shard's MxLayout.
+        self._mx_layout: dict[int, _MxLayout] = {}
 
     @property
     def state_key(self) -> str:
@@ -260,11 +275,11 @@ class QuantizationMonitor(Callback):
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
         self._sharded = _is_sharded(trainer, pl_module)
+        # scaling="mx" when sharded: where each rank's shard lies in the (rows, last dimension) view of its
+        # parameter, which the blocks are formed in (ValueError for layouts that are not such a rectangle).
+        self._mx_layout = {}
         if self._sharded and self.scaling == "mx":
-            raise ValueError(
-                "QuantizationMonitor(scaling='mx') does not support sharded parameters (FSDP, ModelParallelStrategy) "
-                "yet: a shard need not hold whole MX blocks. Use scaling='amax' or 'none' there."
-            )
+            self._mx_layout = {id(p): _mx_shard_layout(name, p) for ps in self._selected.values() for name, p in ps}
         self._rank = trainer.global_rank
         self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
         self._fused_passes = {}
@@ -370,7 +385,7 @@ class QuantizationMonitor(Callback):
                         metrics = self._metric("flips", fmt, name)
                         if self._block_stalls:  # the same pass also gives the per-block counts
                             sums, updated, stalled = _flip_sums_and_masks(before, w, fmt, scale)
-                            self._count_block_stalls(fmt, name, updated, stalled, taken)
+                            self._count_block_stalls(fmt, name, p, updated, stalled, taken)
                         else:
                             sums = metrics[0].sums_of(before, w, scale)
                         sums = _masked(sums, taken)
@@ -385,24 +400,68 @@ class QuantizationMonitor(Callback):
         self,
         fmt: FloatFormat,
         name: str,
+        p: torch.Tensor,
         updated: torch.Tensor,
         stalled: torch.Tensor,
         taken: torch.Tensor | None,
     ) -> None:
-        """Add one step's updated and stalled weights per MX block of parameter ``name`` (``_block_stalls``)."""
-        counts = torch.stack([block_sums(updated, self.block_size), block_sums(stalled, self.block_size)], -1)
-        counts = counts.to(torch.float64)
+        """Add one step's updated and stalled weights per MX block of parameter ``name`` (``_block_stalls``).
+        Sharded, a rank adds its shard's blocks into a tensor of the whole parameter's blocks (reduced at fit end)."""
+        layout = self._mx_layout.get(id(p))
+        lead = 0 if layout is None else layout.col_offset % self.block_size
+        counts = torch.stack(
+            [block_sums(updated, self.block_size, lead), block_sums(stalled, self.block_size, lead)], -1
+        ).to(torch.float64)
         if taken is not None:
             counts = torch.where(taken, counts, torch.zeros_like(counts))
         store = self._block_stalls[fmt.name]
+        if layout is not None:
+            whole = store.get(name)
+            if whole is None:
+                whole = store[name] = counts.new_zeros(layout.block_shape(self.block_size) + (2,))
+            r0, c0 = layout.row_offset, layout.col_offset // self.block_size
+            whole[r0 : r0 + counts.shape[0], c0 : c0 + counts.shape[1]] += counts
+            return
         store[name] = counts if name not in store else store[name] + counts
 
+    def _whole_block_stalls(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The fit's block counts on the host; sharded, summed over the ranks (one all-reduce every rank joins), with
+        every selected parameter (zeros where no rank counted a step)."""
+        if not self._mx_layout:
+            return {f: {n: t.detach().cpu().clone() for n, t in by_p.items()} for f, by_p in self._block_stalls.items()}
+        import torch.distributed as dist
+
+        device = self._device()
+        parts: list[tuple[str, str, torch.Tensor]] = []  # the same entries, in the same order, on every rank
+        for fmt_name, by_param in self._block_stalls.items():
+            for name, p in ((n, p) for ps in self._selected.values() for n, p in ps):
+                counts = by_param.get(name)
+                if counts is None:
+                    shape = (*self._mx_layout[id(p)].block_shape(self.block_size), 2)
+                    counts = torch.zeros(shape, dtype=torch.float64, device=device)
+                parts.append((fmt_name, name, counts.to(device)))
+        if not parts:
+            return {f: {} for f in self._block_stalls}
+        packed = torch.cat([t.reshape(-1) for _, _, t in parts])
+        if _distributed_ready():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        packed = packed.cpu()
+        out: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self._block_stalls}
+        offset = 0
+        for fmt_name, name, counts in parts:
+            out[fmt_name][name] = packed[offset : offset + counts.numel()].reshape(counts.shape)
+            offset += counts.numel()
+        return out
+
     def _save_block_stalls(self, trainer: pl.Trainer) -> None:
-        if not self._block_stalls or trainer.global_rank != 0:
+        if not self._block_stalls:
             return
+        # Both are collectives every rank joins (trainer.log_dir broadcasts rank 0's), before rank 0 alone goes on.
+        stalls = self._whole_block_stalls()
         directory = trainer.log_dir or trainer.default_root_dir
+        if trainer.global_rank != 0:
+            return
         os.makedirs(directory, exist_ok=True)
-        stalls = {f: {n: t.cpu() for n, t in by_param.items()} for f, by_param in self._block_stalls.items()}
         torch.save({"block_size": self.block_size, "stalls": stalls}, os.path.join(directory, MX_BLOCK_FILE))
 
     def _new_fused_pass(self, params: Sequence[torch.Tensor]) -> FusedPass:
@@ -511,10 +570,7 @@ class QuantizationMonitor(Callback):
                 name: s["counts"].detach().cpu().clone() for name, s in zip(self._stall_counts, stalls, strict=True)
             },
             "stall_warned": sorted(self._stall_warned),
-            "block_stalls": {
-                f: {n: t.detach().cpu().clone() for n, t in by_param.items()}
-                for f, by_param in self._block_stalls.items()
-            },
+            "block_stalls": self._whole_block_stalls(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -529,14 +585,13 @@ class QuantizationMonitor(Callback):
         self._sampled = int(state.get("sampled_steps", 0))
         self._skipped_on_device = None
         self._stall_warned = {(f, n) for f, n in state.get("stall_warned", [])}
-        if self._block_stalls:  # not sharded (scaling="mx" is refused there): every rank has the same counts
-            for fmt_name, by_param in state.get("block_stalls", {}).items():
-                if fmt_name in self._block_stalls:
-                    self._block_stalls[fmt_name] = {n: t.to(self._device()) for n, t in by_param.items()}
         # Sharded: the checkpoint holds the sums reduced over all ranks (see state_dict). Restoring them on every
         # rank would count them once per rank: rank 0 alone takes them.
         if self._sharded and self._rank != 0:
             return
+        for fmt_name, by_param in state.get("block_stalls", {}).items():
+            if fmt_name in self._block_stalls:
+                self._block_stalls[fmt_name] = {n: t.to(self._device()) for n, t in by_param.items()}
         for key, sums in state.get("metrics", {}).items():
             metric = self._metrics.get(key)
             if metric is not None:
@@ -568,6 +623,8 @@ class QuantizationMonitor(Callback):
         chosen = self._selected[key]
         if not chosen:
             return {}
+        if self.scaling == "mx":
+            return self._sharded_mx_scales(chosen)
         local = []
         for _, p in chosen:
             owned = self._owns(p)
@@ -580,6 +637,46 @@ class QuantizationMonitor(Callback):
         for (_, p), a in zip(chosen, amax.unbind(), strict=True):
             a = a.to(device=p.device, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
             out[id(p)] = [_amax_scale(a, fmt) for fmt in self.formats]
+        return out
+
+    def _sharded_mx_scales(
+        self, chosen: Sequence[tuple[str, torch.nn.Parameter]]
+    ) -> dict[int, list[torch.Tensor | None]]:
+        """The MX scales of the shards that split blocks (1-D parameters sharded along their only dimension): each
+        rank fills the amaxes of its blocks into a vector of the whole parameter's blocks, and one packed ``MAX``
+        all-reduce per sampled optimizer step, joined by every rank, completes the blocks shared by two shards. Shards
+        of whole rows (FSDP2 shards along dim 0) hold whole blocks: their scales are local (not returned here)."""
+        import torch.distributed as dist
+
+        bs = self.block_size
+        split = [(p, self._mx_layout[id(p)]) for _, p in chosen if self._mx_layout[id(p)].splits_blocks]
+        if not split:
+            return {}
+        vectors = []
+        for p, layout in split:
+            n_blocks = layout.block_shape(bs)[1]
+            vector = torch.zeros(n_blocks, dtype=torch.float64, device=self._device())
+            w = self._view(p, p.detach()) if self._owns(p) else None
+            if w is not None and w.numel():
+                amax = _block_amax(w, bs, layout.col_offset % bs)[0].to(vector)
+                first = layout.col_offset // bs
+                vector[first : first + amax.numel()] = torch.nan_to_num(amax, nan=float("inf"))  # NaN: no MAX
+            vectors.append(vector)
+        packed = torch.cat(vectors)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        out: dict[int, list[torch.Tensor | None]] = {}
+        offset = 0
+        for (p, layout), vector in zip(split, vectors, strict=True):
+            n_blocks = vector.numel()
+            whole = packed[offset : offset + n_blocks]
+            offset += n_blocks
+            if not self._owns(p):
+                continue
+            w = self._view(p, p.detach())
+            lead, first = layout.col_offset % bs, layout.col_offset // bs
+            mine = whole[first : first + -(-(lead + w.numel()) // bs)].unsqueeze(0).to(p.device)
+            mine = mine.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+            out[id(p)] = [_per_element(_mx_block_scale(mine, fmt), bs, w.shape, lead) for fmt in self.formats]
         return out
 
     def _device(self) -> torch.device:
@@ -647,6 +744,53 @@ class QuantizationMonitor(Callback):
         self._pending.clear()
         self._stepping.clear()
         self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
+
+
+@dataclass(frozen=True)
+class _MxLayout:
+    """Where a rank's shard of a parameter lies in the ``(rows, last dimension)`` view MX blocks are formed in:
+    rows ``[row_offset, row_offset + local rows)`` of ``rows``, columns from ``col_offset`` of ``cols``."""
+
+    row_offset: int
+    rows: int
+    col_offset: int
+    cols: int
+    splits_blocks: bool  # the shard cuts rows, so blocks may be shared with another rank's shard
+
+    def block_shape(self, block_size: int) -> tuple[int, int]:
+        return self.rows, -(-self.cols // block_size)
+
+
+def _mx_shard_layout(name: str, p: torch.Tensor) -> _MxLayout:
+    """The :class:`_MxLayout` of this rank's shard of ``p`` (a replica: the whole tensor). Shards of FSDP2 (DTensor
+    sharded along dim 0, possibly replicated too) are supported; a ValueError names the parameter otherwise."""
+    shape = tuple(p.shape)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if shape else 1
+    if _is_fsdp1_flattened(p):
+        raise ValueError(
+            f"QuantizationMonitor(scaling='mx') needs each parameter's shape, which FSDP1's flattened shards hide "
+            f"(parameter {name!r}): use FSDP2 (ModelParallelStrategy, fully_shard), or scaling='amax' or 'none'."
+        )
+    if not _is_dtensor(p):
+        return _MxLayout(0, rows, 0, cols, False)
+    placements = p.placements  # type: ignore[attr-defined]
+    if not all(pl_.is_replicate() or pl_.is_shard(dim=0) for pl_ in placements):
+        raise ValueError(
+            f"QuantizationMonitor(scaling='mx') supports parameters sharded along dim 0 (FSDP2), but {name!r} has "
+            f"placements {tuple(placements)}: use scaling='amax' or 'none', or exclude it."
+        )
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover - torch < 2.5
+        from torch.distributed._tensor._utils import (  # type: ignore[no-redef]
+            compute_local_shape_and_global_offset,
+        )
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)  # type: ignore[attr-defined]
+    sharded = any(pl_.is_shard() for pl_ in placements)
+    if len(shape) == 1:
+        return _MxLayout(0, 1, int(offset[0]), cols, sharded)
+    return _MxLayout(int(offset[0]) * math.prod(shape[1:-1]), rows, 0, cols, False)
 
 
 def _distributed_ready() -> bool:

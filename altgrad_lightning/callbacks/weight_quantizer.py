@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from altgrad_lightning.callbacks.quantization_monitor import (
     _SCALINGS,
     _compile,
+    _distributed_ready,
     _flushes_logs,
     _is_sharded,
     _local_views,
@@ -243,8 +244,16 @@ class WeightQuantizer(Callback):
 
     # --- checkpointing -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # Sharded: each rank counts its own shard and only rank 0's callback state reaches the checkpoint, so the
+        # window's counts are summed over the ranks first (a collective: Lightning calls this on every rank).
+        counts = self._counts
+        if self._sharded and _distributed_ready():
+            import torch.distributed as dist
+
+            counts = counts.clone()
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return {
-            "counts": self._counts.detach().cpu().clone(),
+            "counts": counts.detach().cpu().clone(),
             "generators": {device: g.get_state() for device, g in self._generators.items()},
         }
 
@@ -255,8 +264,8 @@ class WeightQuantizer(Callback):
     def _apply_restored(self, state: dict[str, Any]) -> None:
         for device, generator_state in state.get("generators", {}).items():
             self._generator(torch.device(device)).set_state(generator_state)
-        # Sharded: the checkpoint holds rank 0's local counts; restoring them on every rank would count them once
-        # per rank. Rank 0 alone takes them (the other ranks' share of that window is lost).
+        # Sharded: the checkpoint holds the counts of all ranks (see state_dict); restoring them on every rank would
+        # count them once per rank: rank 0 alone takes them.
         counts = state.get("counts")
         if counts is not None and not (self._sharded and self._rank != 0):
             self._counts = counts.to(device=self._counts.device, dtype=torch.int64).clone()
