@@ -202,10 +202,9 @@ def quantize(
       ``saturate=False`` gives ±inf where the format has infinities, NaN otherwise. ``saturate=None`` (the default)
       uses ``fmt.saturate_default``: ``True`` exactly for the ``fn`` and ``finite`` flavours (float8_e4m3fn,
       float6_e2m3fn, float6_e3m2fn, float4_e2m1fn, e0m7, the ``eXmY`` family), ``False`` for ``ieee``, ``fnuz`` and
-      ``e8m0``. This is our own arithmetic and never goes through torch's float8 casts, so it is the same on every
-      torch version: torch >= 2.12 saturates float8_e4m3fn casts like our default, while torch < 2.12 (and ml_dtypes
-      above 464) gives NaN there, which is our ``saturate=False``. Toward zero never rounds a finite input past
-      ``max``.
+      ``e8m0``. The result is the same on every torch version: torch >= 2.12 saturates float8_e4m3fn casts like
+      our default, while torch < 2.12 (and ml_dtypes above 464) gives NaN there, which is our ``saturate=False``.
+      Toward zero never rounds a finite input past ``max``.
     - NaN in gives NaN out, also for formats without NaN (``finite``): a quantizer that turned NaN into a number
       would hide the fault. Signed zero is kept where the format has -0 (``fnuz`` returns +0).
     - Unsigned formats (``signed=False``, e.g. ``e8m0``): every negative value gives NaN (there is no sign bit to
@@ -218,6 +217,12 @@ def quantize(
     rounding of float32/float16/bfloat16 inputs by a float32 scale is exactly the rounding of the true quotient).
     float16/bfloat16 inputs are widened first. The result is rounded once to ``x``'s dtype, which is exact whenever
     the (scaled) grid value is a value of that dtype.
+
+    Speed: nearest rounding without a scale takes a fast path with the same results (tested equal): on CUDA one
+    Triton kernel (one read, one write per element) for every format but e8m0 and e0m7; elsewhere, for formats that
+    are torch dtypes, torch's own cast there and back, used only after it was checked once per device, dtype and
+    overflow mode against the arithmetic above on every code of the format, the ties between them and overflow.
+    Anything else runs the arithmetic above as about 30 elementwise torch operations.
 
     Args:
         x: float32, float64, float16 or bfloat16 tensor, on any device.
@@ -257,7 +262,100 @@ def quantize(
         if generator.device.type != x.device.type:
             raise ValueError(f"Expected argument `generator` on {x.device.type}, but got one on {generator.device}")
     sat = fmt.saturate_default if saturate is None else saturate
+    if scale is None and mode is Rounding.NEAREST:
+        fast = _fast_nearest(x, fmt, sat)
+        if fast is not None:
+            return fast
     return quantize_scaled(x, fmt, check_scale(scale, x), mode, sat, generator).to(x.dtype)
+
+
+# --- fast paths of quantize(x, fmt) with nearest rounding and no scale -------------------------------------------
+
+#: Formats that are torch dtypes, whose casts round to nearest-even in one step from float32/float16/bfloat16.
+_NATIVE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "bfloat16", "float16")
+#: (device type, input dtype, format name, saturate) -> "cast", "clamp" (clamp to ±max, then cast) or None (neither
+#: matches the reference on the probe values: the reference path is used).
+_native_modes: dict[tuple[str, torch.dtype, str, bool], str | None] = {}
+
+
+def _fast_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor | None:
+    """``quantize(x, fmt, saturate=saturate)`` without the ~30 elementwise kernels of the reference arithmetic, or
+    None where no fast path applies (float64 inputs, formats that are no torch dtype on CPU, ``torch.compile``).
+
+    - CUDA with Triton: one kernel (``_fused.triton_quantize``), one read and one write per element, for every format
+      the fused diagnostics support (all presets but e8m0 and e0m7, and user formats like them).
+    - Elsewhere, formats that are torch dtypes (float8_e4m3fn/e5m2 and their fnuz variants, bfloat16, float16): torch's
+      own cast there and back. Its overflow and NaN behaviour differ between torch versions (torch < 2.12 turns
+      float8_e4m3fn values above 464 into NaN, later versions saturate), so the cast is first checked once per device
+      type, input dtype, format and overflow mode against the reference arithmetic on every code of the format, the
+      midpoints between neighbours (ties) and their float32 neighbours, subnormal edges, values past max, ±inf,
+      ±0 and NaN; if it differs, clamping to ±max first (for ``saturate=True``) is checked the same way, and if that
+      differs too the reference path is used.
+    """
+    if x.dtype == torch.float64 or torch.compiler.is_compiling() or not x.is_contiguous():
+        return None
+    if x.device.type == "cuda":
+        from altgrad_lightning.functional._fused import HAS_TRITON, fused_format_supported, triton_quantize
+
+        if HAS_TRITON and fused_format_supported(fmt):
+            return triton_quantize(x, fmt, saturate)
+    if fmt.name not in _NATIVE_DTYPES or not hasattr(torch, fmt.name):
+        return None
+    key = (x.device.type, x.dtype, fmt.name, saturate)
+    if key not in _native_modes:
+        _native_modes[key] = _check_native(x.device, x.dtype, fmt, saturate)
+    mode = _native_modes[key]
+    if mode is None:
+        return None
+    return _native_cast(x, fmt, mode)
+
+
+def _native_cast(x: torch.Tensor, fmt: FloatFormat, mode: str) -> torch.Tensor:
+    dtype = getattr(torch, fmt.name)
+    src = x.clamp(-fmt.max, fmt.max) if mode == "clamp" else x
+    out = src.to(dtype).to(x.dtype)
+    return out.clone() if out is x else out  # a bfloat16 tensor "cast" to bfloat16 is itself
+
+
+def _check_native(device: torch.device, x_dtype: torch.dtype, fmt: FloatFormat, saturate: bool) -> str | None:
+    """The first of "cast" and "clamp" whose results equal the reference arithmetic's on the probe values."""
+    probe = _probe_values(fmt).to(device=device, dtype=x_dtype)
+    want = _quantize_unscaled(probe.to(compute_dtype(x_dtype, fmt)), fmt, Rounding.NEAREST, saturate, None)
+    want = want.to(x_dtype)
+    for mode in ("cast", "clamp") if saturate else ("cast",):
+        try:
+            got = _native_cast(probe, fmt, mode)
+        except (RuntimeError, TypeError):  # a cast this torch build or device does not implement
+            return None
+        same_sign = torch.signbit(got) == torch.signbit(want)
+        if bool(((got == want) & same_sign | torch.isnan(got) & torch.isnan(want)).all()):
+            return mode
+    return None
+
+
+def _probe_values(fmt: FloatFormat) -> torch.Tensor:
+    """float32 points where a cast can go wrong: every finite value of the format (a torch dtype of 8 or 16 bits),
+    the midpoints between neighbours and their float32 neighbours, values past max up to float32's max, float32
+    denormals, ±inf and NaN; with both signs."""
+    dtype = getattr(torch, fmt.name)
+    if torch.finfo(dtype).bits == 8:
+        codes = torch.arange(2**8, dtype=torch.int32).to(torch.uint8)
+    else:
+        codes = (torch.arange(2**16, dtype=torch.int32) - 2**15).to(torch.int16)
+    grid = codes.view(dtype).to(torch.float64)
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    mid = (grid[1:] + grid[:-1]) / 2
+    top = grid[-1]
+    spacing = top - grid[-2]
+    beyond = top + spacing * torch.arange(1, 9, dtype=torch.float64) / 4
+    specials = torch.tensor(
+        [2.0 * fmt.max, 1e30, 3.4e38, 2.0**-149, 2.0**-140, 2.0**-127, 2.0**-126, float("inf")], dtype=torch.float64
+    )
+    points = torch.cat([grid, mid, beyond, specials]).to(torch.float32)
+    inf = torch.tensor(float("inf"))
+    nudged = torch.cat([torch.nextafter(points, inf), torch.nextafter(points, -inf)])
+    points = torch.cat([points, nudged, torch.tensor([float("nan")])])
+    return torch.cat([points, -points])
 
 
 def quantize_scaled(

@@ -41,7 +41,7 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs take the refer
 except ImportError:  # pragma: no cover - depends on the installation
     HAS_TRITON = False
 
-__all__ = ["FusedPass", "fused_format_supported", "fused_supported"]
+__all__ = ["FusedPass", "fused_format_supported", "fused_supported", "triton_quantize"]
 
 CHUNK = 8192
 """Elements per Triton program: a program's chunk never crosses a parameter, so per-parameter sums are possible."""
@@ -114,12 +114,13 @@ if HAS_TRITON:
         return (a * tl.where(big, _pow2_f32(1 - e), P2M)) * tl.where(big, P2M * 0.5, _pow2_f32(-e))
 
     @triton.jit
-    def _round_to_grid(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr):
-        """Nearest-even, saturating rounding of non-negative float32 ``a`` onto the format's grid (float32).
+    def _round_unsaturated(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr):
+        """Nearest-even rounding of non-negative float32 ``a`` onto the format's grid extended past its max (float32;
+        inf where the rounding lies past float32's max; NaN stays NaN, inf stays inf).
 
         Every step is exact in float32: scalings by powers of two that neither overflow nor lose bits
-        (``n * 2**-M`` lies in [0, 2) with M fraction bits, and the final ``* 2**e`` gives a value of the format, or
-        inf exactly when the rounding lies past float32's max, which saturates as in the reference).
+        (``n * 2**-M`` lies in [0, 2) with M fraction bits, and the final ``* 2**e`` gives the grid value, or inf
+        exactly when it lies past float32's max).
         """
         e = tl.maximum(_floor_log2_f32(a), EMIN)
         r = _times_pow2(a, P2M, e)  # below 2**(M + 1); an integer already when M = 23
@@ -127,8 +128,39 @@ if HAS_TRITON:
             n = (r + 8388608.0) - 8388608.0  # adding 2**23 rounds to the nearest integer, ties to even
         else:
             n = r
-        q = (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
+        return (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
+
+    @triton.jit
+    def _round_to_grid(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr):
+        """Nearest-even, saturating rounding of non-negative float32 ``a`` onto the format's grid (float32)."""
+        q = _round_unsaturated(a, EMIN, M, P2M)
         return tl.where(q > FMAX, FMAX, q)
+
+    @triton.jit
+    def _quantize_kernel(
+        x_ptr, y_ptr, n, overflow_value,
+        EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr, NEG_ZERO: tl.constexpr,
+        IN_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """``quantize(x, fmt)`` with nearest rounding and no scale, one read and one write per element: the grid
+        value of ``|x|``, ``overflow_value`` (max, inf or NaN) above max, ``x``'s sign bit (cleared for formats without
+        -0), NaN for NaN; in ``y``'s dtype (the one rounding of the reference's final ``.to(x.dtype)``)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        if IN_BF16:  # bfloat16 bits (int16) widened by hand: exact for denormals, which the interpreter mishandles
+            x = ((tl.load(x_ptr + offs, mask=inb, other=0).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        q = tl.where(a < float("inf"), _round_unsaturated(a, EMIN, M, P2M), a)  # inf stays inf, then overflows
+        q = tl.where(q > FMAX, overflow_value, q)
+        if NEG_ZERO:
+            sign = x.to(tl.int32, bitcast=True) & -2147483648  # copysign, -0 included
+            q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        else:
+            q = tl.where(x < 0, -q, q) + 0.0  # no -0 in the format (fnuz): -0 + 0 is +0
+        q = tl.where(x != x, x, q)
+        tl.store(y_ptr + offs, q.to(y_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
     def _grid_index(q, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr):
@@ -364,6 +396,27 @@ if HAS_TRITON:
             tl.store(row + 6, tl.sum(f_dd))
             tl.store(row + 7, tl.sum(f_near))
             tl.store(row + 8, tl.sum(f_sr))
+
+
+_QUANTIZE_BLOCK = 1024
+
+
+def triton_quantize(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor:
+    """``quantize(x, fmt, saturate=saturate)`` (nearest, no scale) in one Triton kernel, for a contiguous
+    float32/float16/bfloat16 CUDA tensor and a format :func:`fused_format_supported` accepts."""
+    # bfloat16 goes in as its bits and comes out as float32 rounded by torch: Triton's interpreter converts
+    # bfloat16 denormals wrongly and truncates float32 to bfloat16 (float16 conversions are right everywhere).
+    in_bf16 = x.dtype == torch.bfloat16
+    y = torch.empty_like(x, dtype=torch.float32 if in_bf16 else x.dtype)
+    n = x.numel()
+    if n:
+        overflow_value = fmt.max if saturate else (float("inf") if fmt.has_inf else float("nan"))
+        _quantize_kernel[(triton.cdiv(n, _QUANTIZE_BLOCK),)](
+            x.view(torch.int16) if in_bf16 else x, y, n, overflow_value,
+            EMIN=fmt.emin, M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits, FMAX=float(fmt.max),
+            NEG_ZERO=fmt.has_negative_zero, IN_BF16=in_bf16, BLOCK=_QUANTIZE_BLOCK,
+        )  # fmt: skip
+    return y.to(x.dtype)
 
 
 class FusedPass:
