@@ -21,7 +21,9 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (default on
   CUDA only: elsewhere the fused path does not apply and ``m1ref`` equals ``m1``);
 - ``amax``, ``mx``: ``m1`` with ``scaling="amax"`` (per-tensor current scaling) and ``scaling="mx"`` (MX blocks of
-  32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``).
+  32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``);
+- ``sample2``, ``amaxs2``, ``mxs2``: ``m1``, ``amax`` and ``mx`` with ``sample_fraction=0.02`` (a fixed 2 % of the
+  elements; not in the default list);
 
 Method:
 
@@ -364,6 +366,16 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
                 lambda scaling=scaling: QuantizationMonitor(formats=f1, scaling=scaling),
             )
         )
+    if "sample_fraction" in inspect.signature(QuantizationMonitor).parameters:
+        for scaling in ("none", "amax", "mx"):
+            key = "sample2" if scaling == "none" else f"{scaling}s2"
+            out.append(
+                Variant(
+                    key,
+                    f"QuantizationMonitor, 1 format, scaling={scaling}, sample_fraction=0.02",
+                    lambda scaling=scaling: QuantizationMonitor(formats=f1, scaling=scaling, sample_fraction=0.02),
+                )
+            )
     out += [
         Variant(
             "every10",

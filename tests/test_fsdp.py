@@ -143,10 +143,12 @@ def _round64(x: np.ndarray, name: str) -> np.ndarray:
     return np.where(x - below < above - x, below, above)
 
 
-def _amax_reference(window) -> dict[str, float]:
+def _amax_reference(window, keep=None) -> dict[str, float]:
     """The ``amax``-scaled fractions of a window of the probe's (whole-tensor) steps: per parameter and step,
     ``scale = amax(|w|) / max`` in float32 (as the monitor computes it for float32 weights), grids ``scale * F``;
-    each parameter's largest weight is then on the grid (``scale * max`` rounds back to it in float32)."""
+    each parameter's largest weight is then on the grid (``scale * max`` rounds back to it in float32). With
+    ``keep`` (parameter name -> boolean array of its shape) only the marked elements count; the scales stay those
+    of the whole tensors."""
     from callback_helpers import stiffness_ref
 
     out = {}
@@ -154,13 +156,16 @@ def _amax_reference(window) -> dict[str, float]:
         fmt_max = np.float32(ml_dtypes.finfo(NP_FORMATS[name]).max)
         w_all, g_all, x_all, b_all, a_all = [], [], [], [], []
         for step in window:
-            for w, g, before, after in zip(step["w"], step["g"], step["dtype"], step["w_after"], strict=True):
+            for pname, w, g, before, after in zip(
+                step["names"], step["w"], step["g"], step["dtype"], step["w_after"], strict=True
+            ):
                 x = np.float64(np.float32(np.abs(before).max()) / fmt_max)
-                w_all.append(w.ravel())
-                g_all.append(g.ravel())
-                x_all.append(np.full(w.size, x))
-                b_all.append(before.astype(np.float64).ravel())
-                a_all.append(after.astype(np.float64).ravel())
+                mask = np.ones(w.size, bool) if keep is None else keep[pname].ravel()
+                w_all.append(w.ravel()[mask])
+                g_all.append(g.ravel()[mask])
+                x_all.append(np.full(int(mask.sum()), x))
+                b_all.append(before.astype(np.float64).ravel()[mask])
+                a_all.append(after.astype(np.float64).ravel()[mask])
         w, g, x, b, a = (np.concatenate(v) for v in (w_all, g_all, x_all, b_all, a_all))
         valid = w != 0
         q = (x * _round64(w / x, name)).astype(np.float32)  # quantize returns the weights' dtype

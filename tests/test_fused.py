@@ -112,6 +112,35 @@ def test_fused_pass_equals_reference_sums(diagnostics):
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
 
 
+def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements():
+    """With ``samples`` the kernels gather the sampled elements (and snapshot only them): the sums equal the
+    reference sums of those elements, gathered by torch indexing; an empty sample contributes nothing."""
+    fmts = [get_format(f) for f in ("float8_e4m3fn", "bfloat16")]
+    diagnostics = ("stiffness", "grid", "ulp", "flips")
+    sizes = [7, 9000, 20000, 300]
+    data = [_adversarial(n, seed) for seed, n in enumerate(sizes)]
+    g = torch.Generator().manual_seed(5)
+    samples = [(torch.rand(n, generator=g) < 0.3).nonzero().flatten().to(torch.int32) for n in sizes]
+    samples[3] = samples[3][:0]  # a parameter with no sampled element
+    params = [d[0].clone().to(DEVICE) for d in data]  # stepped in place below
+    gs = [d[1].to(DEVICE) for d in data]
+    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, samples=[i.to(DEVICE) for i in samples])
+    before = fused.before(gs, None)
+    for p, d in zip(params, data, strict=True):
+        p.copy_(d[2].to(DEVICE))
+    after = fused.after()
+    pick = [[d[k][i.long()] for d, i in zip(data, samples, strict=True)] for k in range(3)]
+    ref = _reference(*pick, fmts, diagnostics)
+    got = {**before, **after}
+    for family in diagnostics:
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"sampled {family}/{key}")
+    assert int(got["ulp"][""]["n_total"]) == sum(len(i) for i in samples)
+    for i, w in enumerate(pick[0]):
+        assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.view(torch.int32))
+        assert torch.equal(fused.sample_of(i).cpu(), samples[i])
+
+
 def test_fused_pass_divides_unapplied_grad_scale():
     fmt = get_format("float8_e5m2")
     w, g, _ = _adversarial(3000, 11)

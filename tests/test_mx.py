@@ -542,8 +542,9 @@ def mx_window_expected(steps, name: str, block_size: int) -> dict[str, float]:
     return {stat: float(value) for stat, value in expected.items()}
 
 
-def mx_block_counts(steps, name: str, block_size: int) -> dict[str, np.ndarray]:
-    """Per parameter, the (rows, blocks, 2) [n_updated, n_stall] of MX blocks summed over the probe's steps."""
+def mx_block_counts(steps, name: str, block_size: int, masks=None) -> dict[str, np.ndarray]:
+    """Per parameter, the (rows, blocks, 2) [n_updated, n_stall] of MX blocks summed over the probe's steps; with
+    ``masks`` (parameter name -> boolean array of its shape) only the elements it marks count."""
     from callback_helpers import round_to
 
     expected: dict[str, np.ndarray] = {}
@@ -551,7 +552,7 @@ def mx_block_counts(steps, name: str, block_size: int) -> dict[str, np.ndarray]:
         for pname, w, before, after in zip(step["names"], step["w"], step["dtype"], step["w_after"], strict=True):
             x = ref_mx_scale(w, MX_EMAX[name], block_size)
             b, a = before.astype(np.float64), after.astype(np.float64)
-            updated = a != b
+            updated = (a != b) & (True if masks is None else masks[pname])
             stalled = updated & (round_to(a / x, name) == round_to(b / x, name))
             rows = rows_of(updated.astype(np.float64)), rows_of(stalled.astype(np.float64))
             counts = np.stack(

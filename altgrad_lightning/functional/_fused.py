@@ -195,9 +195,17 @@ if HAS_TRITON:
         return t, start, tl.load(numel + t), w_ptr, tl.multiple_of(tl.load(snap_off + t), 64)
 
     @triton.jit
+    def _source(offs, inb, idx_ptr, soff, SAMPLED: tl.constexpr):
+        """Element offsets in the parameter: the chunk's own, or with a sample the indices stored beside the
+        snapshot (same layout), so the snapshot holds the sampled elements contiguously."""
+        if SAMPLED:
+            return tl.load(idx_ptr + soff + offs, mask=inb, other=0).to(tl.int64)
+        return offs
+
+    @triton.jit
     def _before_kernel(
-        w_tab, g_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, gscale_ptr,
-        N_COLS: tl.constexpr, WRITE_SNAP: tl.constexpr, HAS_GSCALE: tl.constexpr,
+        w_tab, g_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, gscale_ptr, idx_ptr,
+        N_COLS: tl.constexpr, WRITE_SNAP: tl.constexpr, HAS_GSCALE: tl.constexpr, SAMPLED: tl.constexpr,
         DO_STIFF: tl.constexpr, DO_GRID: tl.constexpr,
         EMIN: tl.constexpr, ECLAMP: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr,
         GRID_C0: tl.constexpr,
@@ -231,13 +239,14 @@ if HAS_TRITON:
         for i in tl.range(0, CHUNK_, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
             inb = offs < n
-            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            src = _source(offs, inb, idx_ptr, soff, SAMPLED)
+            w = tl.load(w_ptr + src, mask=inb, other=0.0)
             if WRITE_SNAP:
                 tl.store(snap_ptr + soff + offs, w, mask=inb)
             a = tl.abs(w)
             w_fin = (a < float("inf")) & inb  # false for NaN and ±inf
             if DO_STIFF:
-                g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+                g = tl.load(g_ptr + src, mask=inb, other=0.0)
                 if HAS_GSCALE:
                     g = g / gscale
                 x32 = tl.abs(g)
@@ -292,8 +301,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _after_kernel(
-        w_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, hist_ptr,
-        N_COLS: tl.constexpr, DO_ULP: tl.constexpr, DO_FLIPS: tl.constexpr,
+        w_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, hist_ptr, idx_ptr,
+        N_COLS: tl.constexpr, DO_ULP: tl.constexpr, DO_FLIPS: tl.constexpr, SAMPLED: tl.constexpr,
         EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr, FLIP_C0: tl.constexpr,
         CHUNK_: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST: tl.constexpr,
         WINDOW: tl.constexpr,
@@ -324,7 +333,7 @@ if HAS_TRITON:
             offs = start + tl.arange(0, BLOCK)
             inb = offs < n
             b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
-            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            w = tl.load(w_ptr + _source(offs, inb, idx_ptr, soff, SAMPLED), mask=inb, other=0.0)
             valid = inb & (tl.abs(b) < float("inf")) & (tl.abs(w) < float("inf"))
             d, bucket = _ulp_bucket(b, w, valid)
             octaves = tl.histogram((bucket - 1) >> 4, 64, mask=d != 0)
@@ -334,7 +343,7 @@ if HAS_TRITON:
             offs = start + i + tl.arange(0, BLOCK)
             inb = offs < n
             b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
-            w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+            w = tl.load(w_ptr + _source(offs, inb, idx_ptr, soff, SAMPLED), mask=inb, other=0.0)
             ab = tl.abs(b)
             aw = tl.abs(w)
             valid = inb & (ab < float("inf")) & (aw < float("inf"))
@@ -427,7 +436,8 @@ class FusedPass:
     dtypes of the reference ``_update`` functions, so the Metrics accumulate either. With
     ``per_parameter_stalls``, ``after()`` also leaves ``stall_counts``: per format, a float64 ``(len(params), 2)``
     tensor of each parameter's ``[n_updated, n_stall]`` (a segment sum of the programs' rows: chunks never cross
-    parameters).
+    parameters). With ``samples`` (one int32 tensor of element indices per parameter), every diagnostic covers those
+    elements only: the kernels gather them, and the snapshot holds just them.
     """
 
     def __init__(
@@ -436,6 +446,7 @@ class FusedPass:
         formats: Sequence[FloatFormat],
         diagnostics: Sequence[str],
         per_parameter_stalls: bool = False,
+        samples: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.params = list(params)
         self.per_parameter_stalls = per_parameter_stalls
@@ -443,7 +454,7 @@ class FusedPass:
         self.formats = list(formats)
         self.diagnostics = set(diagnostics)
         device = self.params[0].device
-        numels = [p.numel() for p in self.params]
+        numels = [p.numel() for p in self.params] if samples is None else [len(i) for i in samples]
         self.n_total = sum(numels)
         counts = [max(1, math.ceil(n / CHUNK)) for n in numels]
         t_idx = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts))
@@ -460,6 +471,11 @@ class FusedPass:
         self._w_tab = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.int64).to(device)
         self._w_ptrs = [p.data_ptr() for p in self.params]
         self.snapshot = torch.empty(sum(padded), dtype=torch.float32, device=device)
+        # With a sample: the sampled element indices (int32), laid out like the snapshot.
+        self.sampled = samples is not None
+        self.indices = torch.zeros(sum(padded) if samples is not None else 1, dtype=torch.int32, device=device)
+        for (offset, n), idx in zip(self._snap_slices, samples or [], strict=False):
+            self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
 
     @staticmethod
@@ -475,6 +491,11 @@ class FusedPass:
             and g.data_ptr() % 16 == 0
             for p, g in zip(params, grads, strict=True)
         )
+
+    def sample_of(self, i: int) -> torch.Tensor:
+        """The sampled element indices of parameter ``i`` (a view of the pass's own buffer)."""
+        offset, n = self._snap_slices[i]
+        return self.indices[offset : offset + n]
 
     def snapshot_of(self, i: int) -> torch.Tensor:
         """The snapshot of parameter ``i`` taken by the last :meth:`before` (a flat view)."""
@@ -502,8 +523,8 @@ class FusedPass:
             part = torch.empty((self.n_chunks, max(n_cols, 1)), dtype=torch.float64, device=device)
             _before_kernel[(self.n_chunks,)](
                 self._w_tab, g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
-                self.snapshot, part, gscale,
-                N_COLS=max(n_cols, 1), WRITE_SNAP=write_snap,
+                self.snapshot, part, gscale, self.indices,
+                N_COLS=max(n_cols, 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
                 HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
                 EMIN=fmt.emin, ECLAMP=max(fmt.emin, fmt.emax), M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits,
                 FMAX=float(fmt.max),
@@ -540,8 +561,8 @@ class FusedPass:
             hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)
             _after_kernel[(self.n_chunks,)](
                 self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
-                part, hist,
-                N_COLS=n_cols, DO_ULP=ulp_here, DO_FLIPS=do_flips,
+                part, hist, self.indices,
+                N_COLS=n_cols, DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
                 EMIN=fmt.emin, M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits, FMAX=float(fmt.max), FLIP_C0=c0,
                 CHUNK_=CHUNK, BLOCK=_BLOCK, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
                 num_warps=_NUM_WARPS,
