@@ -44,6 +44,7 @@ _FAMILIES: dict[str, type[SumsMetric]] = {
     "flips": GridFlips,
 }
 _SCALINGS = ("none", "amax", "mx")
+_CPU_BATCH = 1 << 18  # elements: the reference path joins the parameters of a CPU step up to this size
 
 
 class QuantizationMonitor(Callback):
@@ -355,9 +356,10 @@ class QuantizationMonitor(Callback):
         if self._fused_before(key, grad_scale):
             return
         keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
-        pending: list[Any] = []
+        pending: list[_Pending] = []
         with torch.no_grad():
             shard_scales = self._sharded_scales(key) if self._sharded and self.scaling != "none" else {}
+            items = []
             for name, p in self._selected[key]:
                 if p.grad is None or not self._owns(p):
                     continue
@@ -372,16 +374,67 @@ class QuantizationMonitor(Callback):
                 w = self._sampled_values(p, p.detach())
                 g = self._sampled_values(p, p.grad.detach())
                 g = g if grad_scale is None else g / grad_scale
-                for fmt, scale in zip(self.formats, scales, strict=False):
+                items.append(_Pending((name,), (p,), w, scales, g, copied=idx is not None))
+            for item in self._batched(items):
+                w, grad = item.before, item.grad
+                assert grad is not None
+                for fmt, scale in zip(self.formats, item.scales, strict=False):
                     if "stiffness" in self.diagnostics:
-                        for m in self._metric("stiffness", fmt, name):
-                            m.accumulate(m.sums_of(w, g, scale))
+                        for m in self._metric("stiffness", fmt, item.names[0]):
+                            m.accumulate(m.sums_of(w, grad, scale))
                     if "grid" in self.diagnostics:
-                        for m in self._metric("grid", fmt, name):
+                        for m in self._metric("grid", fmt, item.names[0]):
                             m.accumulate(m.sums_of(w, w, scale))
-                if keep_before:  # a sample is a gathered copy already
-                    pending.append((name, p, w if idx is not None else w.clone(), scales))
+                if keep_before:
+                    item.grad = None
+                    if not item.copied:
+                        item.before = w.clone()
+                    pending.append(item)
         self._pending[key] = pending
+
+    def _batched(self, items: list[_Pending]) -> list[_Pending]:
+        """The parameters' tensors as they are (``per_parameter``, MX block counts: every parameter on its own), or
+        concatenated into one flat tensor per dtype and device, so that the reference arithmetic runs once per step
+        instead of once per parameter: on a GPU each of its several hundred elementwise operations is a kernel launch,
+        which made a step of ~150 parameters take about a second. Scales are spread to one per element. On the CPU
+        only groups of up to ``_CPU_BATCH`` elements (e.g. samples) are joined: there the cost is the arithmetic, and
+        per-parameter temporaries stay in the caches, where one flat tensor's (and fresh pages for them) do not."""
+        if self.per_parameter or self._block_stalls or len(items) < 2:
+            return items
+        groups: dict[tuple[Any, ...], list[_Pending]] = {}
+        for item in items:
+            assert item.grad is not None
+            groups.setdefault((item.before.dtype, item.grad.dtype, item.before.device), []).append(item)
+        out = []
+        for group in groups.values():
+            on_cpu = group[0].before.device.type == "cpu"
+            if len(group) < 2 or (on_cpu and sum(it.before.numel() for it in group) > _CPU_BATCH):
+                out += group
+                continue
+            scales: list[torch.Tensor | None] = []
+            for f in range(len(self.formats)):
+                parts = [it.scales[f] for it in group]
+                if all(s is None for s in parts):
+                    scales.append(None)
+                    continue
+                spread = [
+                    s.reshape(1).expand(it.before.numel()) if s.dim() == 0 else s.reshape(-1)
+                    for s, it in zip(parts, group, strict=True)
+                    if s is not None
+                ]
+                scales.append(torch.cat(spread))
+            out.append(
+                _Pending(
+                    tuple(n for it in group for n in it.names),
+                    tuple(p for it in group for p in it.params),
+                    torch.cat([it.before.reshape(-1) for it in group]),
+                    scales,
+                    torch.cat([it.grad.reshape(-1) for it in group if it.grad is not None]),
+                    copied=True,
+                    sizes=tuple(it.before.numel() for it in group),
+                )
+            )
+        return out
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         key = id(optimizer)
@@ -408,26 +461,41 @@ class QuantizationMonitor(Callback):
                         self._stall_counts[fmt_name][rows] += counts
             return
         with torch.no_grad():
-            for name, p, before, scales in pending:
-                w = self._sampled_values(p, p.detach())
+            for item in pending:
+                if item.sizes is None:
+                    (p,) = item.params
+                    w = self._sampled_values(p, p.detach())
+                else:
+                    w = torch.cat([self._sampled_values(p, p.detach()).reshape(-1) for p in item.params])
+                name = item.names[0]  # only read with per_parameter, where every item is one parameter
+                before = item.before
                 if "ulp" in self.diagnostics:
                     for m in self._metric("ulp", None, name):
                         m.accumulate(_masked(m.sums_of(before, w), taken))
                 if "flips" in self.diagnostics:
-                    for fmt, scale in zip(self.formats, scales, strict=False):
+                    for fmt, scale in zip(self.formats, item.scales, strict=False):
                         metrics = self._metric("flips", fmt, name)
-                        if self._block_stalls:  # the same pass also gives the per-block counts
+                        if self._block_stalls or (self._stall_counts and item.sizes is not None):
                             sums, updated, stalled = _flip_sums_and_masks(before, w, fmt, scale)
-                            self._count_block_stalls(fmt, name, p, updated, stalled, taken)
+                            if self._block_stalls:  # the same pass also gives the per-block counts
+                                self._count_block_stalls(fmt, name, item.params[0], updated, stalled, taken)
                         else:
                             sums = metrics[0].sums_of(before, w, scale)
                         sums = _masked(sums, taken)
                         for m in metrics:
                             m.accumulate(sums)
                         if self._stall_counts:
-                            row = self._param_row[id(p)]
-                            counts = torch.stack([sums["n_updated"], sums["n_stall"]]).to(torch.float64)
-                            self._stall_counts[fmt.name][row] += counts
+                            row_ids = [self._param_row[id(p)] for p in item.params]
+                            if item.sizes is None:
+                                counts = torch.stack([sums["n_updated"], sums["n_stall"]]).to(torch.float64)[None]
+                            else:  # per parameter: segment sums of the masks
+                                counts = torch.stack(
+                                    [_segment_sums(updated, item.sizes), _segment_sums(stalled, item.sizes)], 1
+                                )
+                                if taken is not None:
+                                    counts = torch.where(taken, counts, torch.zeros_like(counts))
+                            target = self._stall_counts[fmt.name]
+                            target.index_add_(0, torch.tensor(row_ids, device=target.device), counts.to(target))
 
     def _count_block_stalls(
         self,
@@ -849,6 +917,29 @@ class QuantizationMonitor(Callback):
         self._pending.clear()
         self._stepping.clear()
         self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
+
+
+@dataclass
+class _Pending:
+    """What a step's post hook needs of one parameter (``sizes`` None), or of several concatenated into one flat
+    tensor (``sizes``: their element counts, in order): their weights before the step (a copy), the scales per
+    format and, until the pre-step pass is done, the gradient."""
+
+    names: tuple[str, ...]
+    params: tuple[torch.Tensor, ...]
+    before: torch.Tensor
+    scales: list[torch.Tensor | None]
+    grad: torch.Tensor | None = None
+    copied: bool = False  # ``before`` is a copy already (a gathered sample, a concatenation)
+    sizes: tuple[int, ...] | None = None
+
+
+def _segment_sums(mask: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Per consecutive segment of ``sizes`` elements, the number of true elements of flat boolean ``mask`` (float64;
+    empty segments count 0), from one cumulative sum."""
+    total = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.to(torch.int64).cumsum(0)])
+    ends = torch.tensor([0, *sizes], device=mask.device).cumsum(0)
+    return (total[ends[1:]] - total[ends[:-1]]).to(torch.float64)
 
 
 @dataclass(frozen=True)
