@@ -90,12 +90,12 @@ def test_fused_pass_equals_reference_sums(diagnostics):
     afters = [d[2].to(DEVICE) for d in data]
     params = [w.clone() for w in ws]
     fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True)
-    before = fused.before(gs, None)
+    fused.before(gs, None)
     for p, a in zip(params, afters, strict=True):  # the optimizer step, in place as optimizers do
         p.copy_(a)
-    after = fused.after()
+    fused.after()
     ref = _reference(ws, gs, afters, fmts, diagnostics)
-    got = {**before, **after}
+    got, stall_counts = fused.drain()
     for family in ("stiffness", "grid", "ulp", "flips"):
         assert got.get(family, {}).keys() == ref[family].keys(), family
         for key in ref[family]:
@@ -104,12 +104,45 @@ def test_fused_pass_equals_reference_sums(diagnostics):
         for fmt in fmts:
             per_param = [_flip_update(w, a, fmt) for w, a in zip(ws, afters, strict=True)]
             expected = [[float(s["n_updated"]), float(s["n_stall"])] for s in per_param]
-            assert fused.stall_counts[fmt.name].tolist() == expected, fmt.name
+            assert stall_counts[fmt.name].tolist() == expected, fmt.name
     else:
-        assert fused.stall_counts == {}
+        assert stall_counts == {}
     if {"ulp", "flips"} & set(diagnostics):
         for i, w in enumerate(ws):  # bitwise: NaN payloads too
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
+
+
+def test_fused_pass_accumulates_steps_until_drained():
+    """Three steps, the second one not taken (``taken`` False, as a GradScaler's skipped step): the drained sums are
+    the merged reference sums of the two taken steps for ULP and flips, of all three for stiffness and grid (read
+    before the optimizer decides), maxima included; a second drain starts from zero."""
+    fmts = [get_format("float8_e4m3fn")]
+    diagnostics = ("stiffness", "grid", "ulp", "flips")
+    steps = [_adversarial(3000, seed) for seed in (20, 21, 22)]
+    param = steps[0][0].clone().to(DEVICE)
+    fused = FusedPass([param], fmts, diagnostics, per_parameter_stalls=True)
+    ref: dict = {}
+    for i, (w, g, a) in enumerate(steps):
+        param.copy_(w.to(DEVICE))
+        fused.before([g.to(DEVICE)], None)
+        param.copy_(a.to(DEVICE))
+        taken = i != 1
+        fused.after(torch.tensor(taken, device=DEVICE))
+        one = _reference([w], [g], [a], fmts, diagnostics)
+        for family, by_fmt in one.items():
+            if family in ("ulp", "flips") and not taken:
+                continue
+            for key, sums in by_fmt.items():
+                got_before = ref.setdefault(family, {})
+                got_before[key] = merge(got_before[key], sums) if key in got_before else sums
+    got, stalls = fused.drain()
+    for family in diagnostics:
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"3 steps {family}/{key}")
+    flips = ref["flips"]["float8_e4m3fn"]
+    assert stalls["float8_e4m3fn"].tolist() == [[float(flips["n_updated"]), float(flips["n_stall"])]]
+    again, _ = fused.drain()
+    assert all(not by_fmt for by_fmt in again.values())
 
 
 def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements():
@@ -125,13 +158,13 @@ def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(
     params = [d[0].clone().to(DEVICE) for d in data]  # stepped in place below
     gs = [d[1].to(DEVICE) for d in data]
     fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, samples=[i.to(DEVICE) for i in samples])
-    before = fused.before(gs, None)
+    fused.before(gs, None)
     for p, d in zip(params, data, strict=True):
         p.copy_(d[2].to(DEVICE))
-    after = fused.after()
+    fused.after()
     pick = [[d[k][i.long()] for d, i in zip(data, samples, strict=True)] for k in range(3)]
     ref = _reference(*pick, fmts, diagnostics)
-    got = {**before, **after}
+    got, _ = fused.drain()
     for family in diagnostics:
         for key in ref[family]:
             _assert_sums_equal(got[family][key], ref[family][key], f"sampled {family}/{key}")
@@ -146,7 +179,8 @@ def test_fused_pass_divides_unapplied_grad_scale():
     w, g, _ = _adversarial(3000, 11)
     scale = torch.tensor(1024.0)
     fused = FusedPass([w.to(DEVICE)], [fmt], ("stiffness",))
-    got = fused.before([(g * scale).to(DEVICE)], scale.to(DEVICE))["stiffness"][fmt.name]
+    fused.before([(g * scale).to(DEVICE)], scale.to(DEVICE))
+    got = fused.drain()[0]["stiffness"][fmt.name]
     _assert_sums_equal(got, _gradient_stiffness_update(w, g, fmt), "stiffness with grad scale")
 
 

@@ -451,14 +451,7 @@ class QuantizationMonitor(Callback):
             self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         if isinstance(pending, FusedPass):
             with torch.no_grad():
-                self._accumulate_fused(pending.after(), taken)
-                if self._stall_counts:
-                    # The optimizer's selection is a contiguous run of rows (no index upload, no host sync).
-                    first = self._param_row[id(pending.params[0])]
-                    rows = slice(first, first + len(pending.params))
-                    for fmt_name, counts in pending.stall_counts.items():
-                        counts = counts if taken is None else torch.where(taken, counts, torch.zeros_like(counts))
-                        self._stall_counts[fmt_name][rows] += counts
+                pending.after(taken)  # into the pass's running sums, drained at logging steps
             return
         with torch.no_grad():
             for item in pending:
@@ -646,23 +639,31 @@ class QuantizationMonitor(Callback):
         if fused is None:
             return False
         if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
+            self._drain_fused(fused)
             fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
         grads = [p.grad for p in fused.params]
         if not FusedPass.grads_supported(fused.params, grads):  # e.g. a parameter without gradient at this step
             return False
         with torch.no_grad():
-            self._accumulate_fused(fused.before([g for g in grads if g is not None], grad_scale), None)
+            fused.before([g for g in grads if g is not None], grad_scale)
         self._pending[key] = fused  # its after half reads the snapshot it holds
         self._fused_steps += 1
         return True
 
-    def _accumulate_fused(
-        self, sums: dict[str, dict[str, dict[str, torch.Tensor]]], taken: torch.Tensor | None
-    ) -> None:
-        for family, by_format in sums.items():
-            for fmt_name, family_sums in by_format.items():
-                metric = self._metrics[self._key(family, fmt_name)]  # the aggregate metric
-                metric.accumulate(_masked(family_sums, taken) if family in ("ulp", "flips") else family_sums)
+    def _drain_fused(self, *passes: FusedPass) -> None:
+        """Move the running sums of fused passes (all by default) into the Metrics and the stall counts: at logging
+        steps and checkpoints, so that a step costs the kernels and a few small operations only."""
+        with torch.no_grad():
+            for fused in passes or tuple(self._fused_passes.values()):
+                sums, stalls = fused.drain()
+                for family, by_format in sums.items():
+                    for fmt_name, family_sums in by_format.items():
+                        self._metrics[self._key(family, fmt_name)].accumulate(family_sums)  # the aggregate metric
+                if self._stall_counts and stalls:
+                    # The optimizer's selection is a contiguous run of rows (no index upload, no host sync).
+                    first = self._param_row[id(fused.params[0])]
+                    for fmt_name, counts in stalls.items():
+                        self._stall_counts[fmt_name][first : first + len(fused.params)] += counts
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -726,6 +727,7 @@ class QuantizationMonitor(Callback):
         ``state_dict`` a collective in a sharded run, as the model's own state dict is: Lightning calls it on every
         rank when it saves a checkpoint (``trainer.save_checkpoint`` must be called on every rank).
         """
+        self._drain_fused()
         sums = [m.sums() for m in self._metrics.values()]
         stalls = [{"counts": c} for c in self._stall_counts.values()]
         if self._sharded and sums and _distributed_ready():
@@ -864,6 +866,7 @@ class QuantizationMonitor(Callback):
         return scaler._scale  # a device tensor: dividing by it needs no host synchronisation
 
     def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+        self._drain_fused()
         out: dict[str, torch.Tensor] = {}
         local = [metric.sums() for metric in self._metrics.values()]
         stalls = [{"counts": c} for c in self._stall_counts.values()]
@@ -916,6 +919,8 @@ class QuantizationMonitor(Callback):
         self._handles = []
         self._pending.clear()
         self._stepping.clear()
+        if self._metrics:
+            self._drain_fused()  # the window not logged yet stays in the Metrics (and in a later checkpoint)
         self._fused_passes = {}  # frees the snapshots (one copy of the selected parameters) after fit
 
 

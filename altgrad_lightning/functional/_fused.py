@@ -431,12 +431,13 @@ def triton_quantize(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.
 class FusedPass:
     """Fused diagnostic pass over one fixed list of float32 CUDA parameters (see the module docstring).
 
-    ``before(grads, grad_scale)`` returns ``{family: {format name: sums}}`` for ``"stiffness"`` and ``"grid"``;
-    ``after()`` returns it for ``"ulp"`` (format name ``""``) and ``"flips"``. The sums have exactly the keys and
-    dtypes of the reference ``_update`` functions, so the Metrics accumulate either. With
-    ``per_parameter_stalls``, ``after()`` also leaves ``stall_counts``: per format, a float64 ``(len(params), 2)``
-    tensor of each parameter's ``[n_updated, n_stall]`` (a segment sum of the programs' rows: chunks never cross
-    parameters). With ``samples`` (one int32 tensor of element indices per parameter), every diagnostic covers those
+    ``before(grads, grad_scale)`` (stiffness, grid, and the snapshot) and ``after(taken)`` (ULP and flips) add a
+    step to running sums on the device, with a few small operations per kernel and no host synchronisation;
+    ``drain()`` returns ``{family: {format name: sums}}`` for the steps since the last drain (exactly the keys and
+    dtypes of the reference ``_update`` functions, so the Metrics accumulate either) and starts over. With
+    ``per_parameter_stalls`` it also returns, per format, a float64 ``(len(params), 2)`` tensor of each parameter's
+    ``[n_updated, n_stall]`` (a segment sum of the programs' rows: chunks never cross parameters). With ``samples``
+    (one int32 tensor of element indices per parameter), every diagnostic covers those
     elements only: the kernels gather them, and the snapshot holds just them.
     """
 
@@ -450,7 +451,6 @@ class FusedPass:
     ) -> None:
         self.params = list(params)
         self.per_parameter_stalls = per_parameter_stalls
-        self.stall_counts: dict[str, torch.Tensor] = {}
         self.formats = list(formats)
         self.diagnostics = set(diagnostics)
         device = self.params[0].device
@@ -477,6 +477,16 @@ class FusedPass:
         for (offset, n), idx in zip(self._snap_slices, samples or [], strict=False):
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
+        # Running sums since the last drain(): (phase, format name) -> float64 column sums (maxima in max columns).
+        self._acc: dict[tuple[str, str], torch.Tensor] = {}
+        self._acc_max: dict[tuple[str, str], tuple[tuple[int, ...], torch.Tensor | None]] = {}
+        self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
+        self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
+        self._before_steps = 0
+        self._after_steps = 0  # steps taken for sure; AMP-masked ones in _after_taken (on the device)
+        self._after_taken: torch.Tensor | None = None
+        self._g_ptrs: list[int] = []
+        self._g_tab = torch.zeros(0, dtype=torch.int64, device=device)
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
@@ -506,15 +516,18 @@ class FusedPass:
         """False once a parameter's storage moved (e.g. ``model.to(...)``): rebuild the pass then."""
         return [p.data_ptr() for p in self.params] == self._w_ptrs
 
-    def before(self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None) -> dict[str, dict[str, Sums]]:
+    def before(self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None) -> None:
+        """Stiffness and grid sums of this step (and the snapshot), added to the pass's running sums."""
         device = self.snapshot.device
-        g_tab = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-        # A pinned source makes the copy asynchronous: no host synchronisation on the training step.
-        g_tab = (g_tab.pin_memory() if device.type == "cuda" else g_tab).to(device, non_blocking=True)
+        ptrs = [g.data_ptr() for g in grads]
+        if ptrs != self._g_ptrs:  # gradients usually keep their storage from step to step: upload only changes
+            g_tab = torch.tensor(ptrs, dtype=torch.int64)
+            # A pinned source makes the copy asynchronous: no host synchronisation on the training step.
+            self._g_tab = (g_tab.pin_memory() if device.type == "cuda" else g_tab).to(device, non_blocking=True)
+            self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         c0 = len(_STIFF_COLS) * do_stiff
         n_cols = c0 + len(_GRID_COLS) * do_grid
-        out: dict[str, dict[str, Sums]] = {"stiffness": {}, "grid": {}}
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
         for i, fmt in enumerate(self.formats):
             write_snap = i == 0 and self._keep_snapshot
@@ -522,7 +535,7 @@ class FusedPass:
                 break
             part = torch.empty((self.n_chunks, max(n_cols, 1)), dtype=torch.float64, device=device)
             _before_kernel[(self.n_chunks,)](
-                self._w_tab, g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
+                self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
                 self.snapshot, part, gscale, self.indices,
                 N_COLS=max(n_cols, 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
                 HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
@@ -530,27 +543,15 @@ class FusedPass:
                 FMAX=float(fmt.max),
                 GRID_C0=c0, CHUNK_=CHUNK, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
             )  # fmt: skip
-            if n_cols == 0:
-                continue
-            total = _reduce_rows(part, max_cols=(n_cols - 1,) if do_grid else ())
-            if do_stiff:
-                st = self._sums(total[:c0], _STIFF_COLS)
-                st["n_nonfinite"] = st["n_total"] - st["n_valid"] - st["n_zero_weight"]
-                out["stiffness"][fmt.name] = st
-            if do_grid:
-                grid = self._sums(total[c0:], _GRID_COLS)
-                grid["n_nonfinite"] = grid["n_total"] - grid["n_valid"]
-                grid["n_unrepresentable"] = torch.zeros_like(grid["n_total"])  # signed formats only
-                # float32 errors stay below 2**129: their squares never overflow, the reference keeps this at 0
-                grid["sum_err_sq_scaled"] = torch.zeros_like(grid["sum_err"])
-                out["grid"][fmt.name] = grid
-        return out
+            if n_cols:
+                self._add(("before", fmt.name), part, (n_cols - 1,) if do_grid else (), None)
+        self._before_steps += 1
 
-    def after(self) -> dict[str, dict[str, Sums]]:
+    def after(self, taken: torch.Tensor | None = None) -> None:
+        """ULP and flip sums of this step (weights now against the snapshot), added to the running sums; ``taken``
+        (a 0-d bool device tensor) masks a step the optimizer did not take (AMP), without a host synchronisation."""
         device = self.snapshot.device
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        out: dict[str, dict[str, Sums]] = {"ulp": {}, "flips": {}}
-        self.stall_counts = {}
         for i, fmt in enumerate(self.formats):
             ulp_here = do_ulp and i == 0
             c0 = len(_ULP_COLS) * ulp_here
@@ -558,7 +559,7 @@ class FusedPass:
             if n_cols == 0:
                 break
             part = torch.empty((self.n_chunks, n_cols), dtype=torch.float64, device=device)
-            hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)
+            hist = self._hist if taken is None else torch.zeros_like(self._hist)
             _after_kernel[(self.n_chunks,)](
                 self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
                 part, hist, self.indices,
@@ -567,33 +568,101 @@ class FusedPass:
                 CHUNK_=CHUNK, BLOCK=_BLOCK, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
                 num_warps=_NUM_WARPS,
             )  # fmt: skip
-            total = _reduce_rows(part, max_cols=(3,) if ulp_here else ())
-            if ulp_here:
-                ulp = self._sums(total[:c0], _ULP_COLS)
-                ulp["hist"] = _fine_hist(hist)
-                ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
-                out["ulp"][""] = ulp
-            if do_flips:
-                out["flips"][fmt.name] = self._sums(total[c0:], _FLIP_COLS)
-                if self.per_parameter_stalls:
-                    rows = part[:, [c0 + _FLIP_COLS.index("n_updated"), c0 + _FLIP_COLS.index("n_stall")]]
-                    counts = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
-                    self.stall_counts[fmt.name] = counts.index_add_(0, self._chunk_t, rows)
-        return out
+            if ulp_here and taken is not None:
+                self._hist += torch.where(taken, hist, 0)
+            self._add(("after", fmt.name), part, (3,) if ulp_here else (), taken)
+            if do_flips and self.per_parameter_stalls:
+                rows = part[:, [c0 + _FLIP_COLS.index("n_updated"), c0 + _FLIP_COLS.index("n_stall")]]
+                rows = rows if taken is None else torch.where(taken, rows, 0.0)
+                if fmt.name not in self._stalls:
+                    self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
+                self._stalls[fmt.name].index_add_(0, self._chunk_t, rows)
+        if taken is None:
+            self._after_steps += 1
+        else:
+            t = taken.to(torch.float64)
+            self._after_taken = t if self._after_taken is None else self._after_taken + t
 
-    def _sums(self, total: torch.Tensor, cols: Sequence[str]) -> Sums:
-        """Reduced partial columns as the reference ``_update`` dict: int64 counts, float64 sums."""
-        out: Sums = {"n_total": torch.tensor(self.n_total, dtype=torch.int64, device=total.device)}
+    def _add(
+        self, key: tuple[str, str], part: torch.Tensor, max_cols: tuple[int, ...], taken: torch.Tensor | None
+    ) -> None:
+        """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
+        ``max_cols``: a handful of small operations per kernel, whatever the number of columns."""
+        total = part.sum(0)
+        top = part[:, list(max_cols)].amax(0) if max_cols else None
+        if taken is not None:  # an untaken step adds 0: neutral for sums and for the non-negative maxima
+            total = torch.where(taken, total, 0.0)
+            top = None if top is None else torch.where(taken, top, 0.0)
+        if key not in self._acc:
+            self._acc[key], self._acc_max[key] = total, (max_cols, top)
+            return
+        self._acc[key].add_(total)
+        if top is not None:
+            _, running = self._acc_max[key]
+            assert running is not None
+            torch.maximum(running, top, out=running)
+
+    def _running(self, key: tuple[str, str]) -> torch.Tensor | None:
+        """The running column sums of ``key`` with the running maxima in their columns."""
+        acc = self._acc.get(key)
+        if acc is None:
+            return None
+        cols, top = self._acc_max[key]
+        if top is not None:
+            acc = acc.clone()
+            acc[list(cols)] = top
+        return acc
+
+    def drain(self) -> tuple[dict[str, dict[str, Sums]], dict[str, torch.Tensor]]:
+        """The sums of the steps since the last drain, ``{family: {format name: sums}}`` (keys and dtypes of the
+        reference ``_update`` functions; ``"ulp"`` under format name ``""``), and with ``per_parameter_stalls`` per
+        format the float64 ``(len(params), 2)`` ``[n_updated, n_stall]`` of each parameter; then starts over."""
+        device = self.snapshot.device
+        out: dict[str, dict[str, Sums]] = {"stiffness": {}, "grid": {}, "ulp": {}, "flips": {}}
+        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
+        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
+        n_before = torch.tensor(float(self.n_total * self._before_steps), dtype=torch.float64, device=device)
+        n_after = torch.tensor(float(self.n_total * self._after_steps), dtype=torch.float64, device=device)
+        if self._after_taken is not None:
+            n_after = n_after + self.n_total * self._after_taken
+        for i, fmt in enumerate(self.formats):
+            before = self._running(("before", fmt.name))
+            if before is not None:
+                c0 = len(_STIFF_COLS) * do_stiff
+                if do_stiff:
+                    st = self._sums(before[:c0], _STIFF_COLS, n_before)
+                    st["n_nonfinite"] = st["n_total"] - st["n_valid"] - st["n_zero_weight"]
+                    out["stiffness"][fmt.name] = st
+                if do_grid:
+                    grid = self._sums(before[c0:], _GRID_COLS, n_before)
+                    grid["n_nonfinite"] = grid["n_total"] - grid["n_valid"]
+                    grid["n_unrepresentable"] = torch.zeros_like(grid["n_total"])  # signed formats only
+                    # float32 errors stay below 2**129: their squares never overflow, the reference keeps this at 0
+                    grid["sum_err_sq_scaled"] = torch.zeros_like(grid["sum_err"])
+                    out["grid"][fmt.name] = grid
+            after = self._running(("after", fmt.name))
+            if after is not None:
+                c0 = len(_ULP_COLS) * (do_ulp and i == 0)
+                if c0:
+                    ulp = self._sums(after[:c0], _ULP_COLS, n_after)
+                    ulp["hist"] = _fine_hist(self._hist)
+                    ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
+                    out["ulp"][""] = ulp
+                if do_flips:
+                    out["flips"][fmt.name] = self._sums(after[c0:], _FLIP_COLS, n_after)
+        stalls = self._stalls
+        self._acc, self._acc_max, self._stalls = {}, {}, {}
+        self._hist = torch.zeros_like(self._hist)
+        self._before_steps = self._after_steps = 0
+        self._after_taken = None
+        return out, stalls
+
+    def _sums(self, total: torch.Tensor, cols: Sequence[str], n_total: torch.Tensor) -> Sums:
+        """Running column sums as the reference ``_update`` dict: int64 counts, float64 sums."""
+        out: Sums = {"n_total": n_total.to(torch.int64)}
         for j, name in enumerate(cols):
             out[name] = total[j].to(torch.int64) if name.startswith("n_") else total[j]
         return out
-
-
-def _reduce_rows(part: torch.Tensor, max_cols: tuple[int, ...]) -> torch.Tensor:
-    total = part.sum(0)
-    for c in max_cols:
-        total[c] = part[:, c].amax()
-    return total
 
 
 def _fine_hist(hist: torch.Tensor) -> torch.Tensor:
