@@ -27,9 +27,9 @@ Correctness: ``quantize`` must equal torch's cast bit for bit on the benchmark i
 that are no torch dtype, the reference arithmetic); the script
 prints the number of mismatching elements and exits with status 1 if any ``quantize`` result differs within the
 format's range, so a speed-up cannot come from a wrong result; mismatches at ``|x| > max`` are counted apart and only
-noted, since they mean another overflow convention rather than wrong rounding (torch 2.13's float8_e4m3fn cast saturates to 448 like ``quantize``'s default;
-torch 2.11's gives NaN above 464). ml_dtypes mismatches are reported for information only (its float8_e4m3fn gives
-NaN above 464).
+noted, since they mean another overflow convention rather than wrong rounding (torch 2.13's float8_e4m3fn cast
+saturates to 448 like ``quantize``'s default; torch 2.11's gives NaN above 464). ml_dtypes mismatches are reported
+for information only (its float8_e4m3fn gives NaN above 464).
 
 Usage::
 
