@@ -114,3 +114,33 @@ def test_bad_sampling_arguments(kwargs, error):
     name = "sample_seed" if "sample_seed" in kwargs else "sample_fraction"
     with pytest.raises(error, match=f"`{name}`"):
         QuantizationMonitor(**kwargs)
+
+
+def test_joined_parameters_in_runs_log_the_recomputation(tmp_path, monkeypatch):
+    """The reference path joins a step's parameters into flat tensors, in runs of a bounded number of elements
+    (here 40: runs [72], [12, 12, 1] of TinyRegressor's parameters): amax scales spread per element and
+    per-parameter stall counts (segment sums, behind ``stall_alert``) equal numpy's."""
+    import importlib
+
+    from test_fsdp import _amax_reference, _round64
+
+    qm = importlib.import_module("altgrad_lightning.callbacks.quantization_monitor")
+    monkeypatch.setattr(qm, "_CPU_BATCH", 40)
+    torch.manual_seed(0)
+    threshold = 0.5
+    monitor = QuantizationMonitor(formats=list(FORMATS), scaling="amax", prefix="amax", stall_threshold=threshold)
+    _, probe, _ = fit(tmp_path, monitor, max_steps=4)
+    for row, step in zip(csv_rows(tmp_path), probe.steps, strict=True):
+        assert_matches(row, _amax_reference([step]), what=row["step"])
+        for name in FORMATS:
+            fmt_max = np.float32(qm.get_format(name).max)
+            fractions = []
+            for before, after in zip(step["dtype"], step["w_after"], strict=True):
+                x = np.float64(np.float32(np.abs(before).max()) / fmt_max)
+                b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
+                updated = a != b
+                stalled = updated & (_round64(a / x, name) == _round64(b / x, name))
+                fractions.append(stalled.sum() / max(updated.sum(), 1))
+            overall = row[f"amax/{name}/update_stall_frac"]
+            expected = float(overall > threshold or max(fractions) > threshold)
+            assert row[f"amax/{name}/stall_alert"] == expected, (name, fractions)

@@ -45,6 +45,7 @@ _FAMILIES: dict[str, type[SumsMetric]] = {
 }
 _SCALINGS = ("none", "amax", "mx")
 _CPU_BATCH = 1 << 18  # elements: the reference path joins the parameters of a CPU step up to this size
+_GPU_BATCH = 1 << 22  # on a GPU: its float64 temporaries (a dozen live at once) stay within ~0.5 GiB
 
 
 class QuantizationMonitor(Callback):
@@ -358,7 +359,12 @@ class QuantizationMonitor(Callback):
         keep_before = "ulp" in self.diagnostics or "flips" in self.diagnostics
         pending: list[_Pending] = []
         with torch.no_grad():
-            shard_scales = self._sharded_scales(key) if self._sharded and self.scaling != "none" else {}
+            if self._sharded and self.scaling != "none":
+                shard_scales = self._sharded_scales(key)
+            elif self.scaling == "amax":  # every parameter's amax from one multi-tensor kernel, not one per tensor
+                shard_scales = self._amax_scales([p for _, p in self._selected[key] if p.grad is not None])
+            else:
+                shard_scales = {}
             items = []
             for name, p in self._selected[key]:
                 if p.grad is None or not self._owns(p):
@@ -392,6 +398,29 @@ class QuantizationMonitor(Callback):
                     pending.append(item)
         self._pending[key] = pending
 
+    def _amax_scales(self, params: Sequence[torch.Tensor]) -> dict[int, list[torch.Tensor | None]]:
+        """The ``amax`` scales of unsharded parameters, per format: amaxes from ``torch._foreach_norm(ord=inf)``
+        (NaN and inf propagate as in ``amax``; empty tensors, which it refuses, have amax 0), then the scale
+        arithmetic once per dtype and format on the vector of amaxes."""
+        views = [(p, self._view(p, p.detach())) for p in params]
+        full = [(p, v) for p, v in views if v.numel()]
+        norms = torch._foreach_norm([v for _, v in full], ord=float("inf")) if full else []
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (p, _), norm in zip(full, norms, strict=True):
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            groups.setdefault((dtype, p.device), []).append((p, norm))
+        for p, v in views:
+            if not v.numel():
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                groups.setdefault((dtype, p.device), []).append((p, torch.zeros((), dtype=dtype, device=p.device)))
+        out: dict[int, list[torch.Tensor | None]] = {}
+        for (dtype, _), entries in groups.items():
+            amax = torch.stack([norm.to(dtype) for _, norm in entries])
+            per_format = [_amax_scale(amax, fmt).unbind() for fmt in self.formats]
+            for i, (p, _) in enumerate(entries):
+                out[id(p)] = [scales[i] for scales in per_format]
+        return out
+
     def _batched(self, items: list[_Pending]) -> list[_Pending]:
         """The parameters' tensors as they are (``per_parameter``, MX block counts: every parameter on its own), or
         concatenated into one flat tensor per dtype and device, so that the reference arithmetic runs once per step
@@ -406,34 +435,35 @@ class QuantizationMonitor(Callback):
             assert item.grad is not None
             groups.setdefault((item.before.dtype, item.grad.dtype, item.before.device), []).append(item)
         out = []
-        for group in groups.values():
-            on_cpu = group[0].before.device.type == "cpu"
-            if len(group) < 2 or (on_cpu and sum(it.before.numel() for it in group) > _CPU_BATCH):
-                out += group
-                continue
-            scales: list[torch.Tensor | None] = []
-            for f in range(len(self.formats)):
-                parts = [it.scales[f] for it in group]
-                if all(s is None for s in parts):
-                    scales.append(None)
+        for same_kind in groups.values():
+            cap = _CPU_BATCH if same_kind[0].before.device.type == "cpu" else _GPU_BATCH
+            for group in _runs(same_kind, cap):
+                if len(group) < 2:
+                    out += group
                     continue
-                spread = [
-                    s.reshape(1).expand(it.before.numel()) if s.dim() == 0 else s.reshape(-1)
-                    for s, it in zip(parts, group, strict=True)
-                    if s is not None
-                ]
-                scales.append(torch.cat(spread))
-            out.append(
-                _Pending(
-                    tuple(n for it in group for n in it.names),
-                    tuple(p for it in group for p in it.params),
-                    torch.cat([it.before.reshape(-1) for it in group]),
-                    scales,
-                    torch.cat([it.grad.reshape(-1) for it in group if it.grad is not None]),
-                    copied=True,
-                    sizes=tuple(it.before.numel() for it in group),
+                scales: list[torch.Tensor | None] = []
+                for f in range(len(self.formats)):
+                    parts = [it.scales[f] for it in group]
+                    if all(s is None for s in parts):
+                        scales.append(None)
+                        continue
+                    spread = [
+                        s.reshape(1).expand(it.before.numel()) if s.dim() == 0 else s.reshape(-1)
+                        for s, it in zip(parts, group, strict=True)
+                        if s is not None
+                    ]
+                    scales.append(torch.cat(spread))
+                out.append(
+                    _Pending(
+                        tuple(n for it in group for n in it.names),
+                        tuple(p for it in group for p in it.params),
+                        torch.cat([it.before.reshape(-1) for it in group]),
+                        scales,
+                        torch.cat([it.grad.reshape(-1) for it in group if it.grad is not None]),
+                        copied=True,
+                        sizes=tuple(it.before.numel() for it in group),
+                    )
                 )
-            )
         return out
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -937,6 +967,20 @@ class _Pending:
     grad: torch.Tensor | None = None
     copied: bool = False  # ``before`` is a copy already (a gathered sample, a concatenation)
     sizes: tuple[int, ...] | None = None
+
+
+def _runs(items: list[_Pending], cap: int) -> list[list[_Pending]]:
+    """``items`` in order, cut into consecutive runs of at most ``cap`` elements (a larger item is a run alone)."""
+    runs: list[list[_Pending]] = []
+    size = cap + 1
+    for item in items:
+        n = item.before.numel()
+        if size + n > cap:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += n
+    return runs
 
 
 def _segment_sums(mask: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
