@@ -376,7 +376,9 @@ class QuantizationMonitor(Callback):
                     scales = [self._scale(w_all, fmt) for fmt in self.formats]
                 idx = self._samples.get(id(p))
                 if idx is not None:  # the scales of the whole tensor, at the sampled elements
-                    scales = [s if s is None or s.dim() == 0 else s.reshape(-1)[idx] for s in scales]
+                    scales = [
+                        s if s is None or s.dim() == 0 else torch.index_select(s.reshape(-1), 0, idx) for s in scales
+                    ]
                 w = self._sampled_values(p, p.detach())
                 g = self._sampled_values(p, p.grad.detach())
                 g = g if grad_scale is None else g / grad_scale
@@ -661,7 +663,7 @@ class QuantizationMonitor(Callback):
         """The rank's elements of ``t`` (``p`` itself or its gradient), only the sampled ones with a sample."""
         t = self._view(p, t)
         idx = self._samples.get(id(p))
-        return t if idx is None else t.reshape(-1)[idx]
+        return t if idx is None else torch.index_select(t.reshape(-1), 0, idx)  # cheaper than t[idx]
 
     def _fused_before(self, key: int, grad_scale: torch.Tensor | None) -> bool:
         """Run the fast path's ``before`` half for this optimizer, if it applies to this step's gradients."""
