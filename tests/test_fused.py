@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,13 +194,13 @@ def test_unsupported_formats_are_declared():
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precision):
     """A real Trainer on the GPU: the fused path is taken and every logged value equals numpy/ml_dtypes."""
-    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference, ulp_histogram_ref
+    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference, round_to, ulp_histogram_ref
 
     from altgrad_lightning import QuantizationMonitor
 
     torch.manual_seed(0)
     formats = ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16")
-    monitor = QuantizationMonitor(formats=list(formats))
+    monitor = QuantizationMonitor(formats=list(formats), stall_threshold=0.5)
     # A fused optimizer under 16-mixed keeps the loss scale in the gradients at the hook: the kernel divides by it.
     # A constant loss scale of 2**12: no step overflows (a skipped step is no sample, see test_callback_training).
     model = TinyRegressor(fused=precision == "16-mixed")
@@ -218,6 +219,36 @@ def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precisi
         assert_matches(row, reference([step], formats=formats), what=i)
         for label, value in ulp_histogram_ref([step]).items():
             assert row[f"altgrad/ulp_hist/{label}"] == pytest.approx(value, abs=1e-7), (i, label)
+        # stall_alert from the kernels' per-parameter counts: overall or any parameter above 0.5 (numpy).
+        for name in formats:
+            above = row[f"altgrad/{name}/update_stall_frac"] > 0.5
+            for before, after in zip(step["dtype"], step["w_after"], strict=True):
+                b, a = before.astype(np.float64), after.astype(np.float64)
+                updated = a != b
+                stalled = updated & (round_to(a, name) == round_to(b, name))
+                above |= bool(updated.any()) and stalled.sum() / updated.sum() > 0.5
+            assert row[f"altgrad/{name}/stall_alert"] == float(above), (i, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the callback takes the fast path on CUDA only")
+def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(tmp_path):
+    """sample_fraction on the GPU: the fused kernels gather the subset, and every logged value is the numpy
+    recomputation on the subset's elements."""
+    from callback_helpers import assert_matches, csv_rows, fit, reference
+    from test_sampling import _picks, _subset
+
+    from altgrad_lightning import QuantizationMonitor
+
+    torch.manual_seed(0)
+    formats = ("float8_e4m3fn", "bfloat16")
+    monitor = QuantizationMonitor(formats=list(formats), sample_fraction=0.4)
+    _, probe, _ = fit(tmp_path, monitor, accelerator="gpu", max_steps=6)
+    assert monitor._fused_steps == 6
+    picks = _picks(monitor)  # the indices the kernels gathered (views of the pass's buffer)
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 6
+    for row, step in zip(rows, probe.steps, strict=True):
+        assert_matches(row, reference([_subset(step, picks)], formats=formats), what=row["step"])
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
