@@ -511,19 +511,23 @@ def test_bad_fmt(fmt) -> None:
 # --- 6. the monitor with scaling="mx" in a real Trainer ----------------------------------------------------------
 
 
-def mx_window_expected(steps, name: str, block_size: int) -> dict[str, float]:
+def mx_window_expected(steps, name: str, block_size: int, masks=None) -> dict[str, float]:
     """The stiffness, grid and flip fractions of a window of probe steps (whole tensors), recomputed in numpy with
-    the reference block scales of the weights before each step (the flips use them on both sides)."""
+    the reference block scales of the weights before each step (the flips use them on both sides); with ``masks``
+    (parameter name -> boolean array of its shape) over the marked elements only, scaled as in the whole tensor."""
     from callback_helpers import round_to, stiffness_ref
 
     w_all, g_all, before_all, after_all, scale_all = [], [], [], [], []
     for step in steps:
-        for w, g, before, after in zip(step["w"], step["g"], step["dtype"], step["w_after"], strict=True):
-            w_all.append(w.ravel())
-            g_all.append(g.ravel())
-            before_all.append(before.astype(np.float64).ravel())
-            after_all.append(after.astype(np.float64).ravel())
-            scale_all.append(ref_mx_scale(w, MX_EMAX[name], block_size).ravel())
+        for pname, w, g, before, after in zip(
+            step["names"], step["w"], step["g"], step["dtype"], step["w_after"], strict=True
+        ):
+            keep = np.ones(w.size, bool) if masks is None else masks[pname].ravel()
+            w_all.append(w.ravel()[keep])
+            g_all.append(g.ravel()[keep])
+            before_all.append(before.astype(np.float64).ravel()[keep])
+            after_all.append(after.astype(np.float64).ravel()[keep])
+            scale_all.append(ref_mx_scale(w, MX_EMAX[name], block_size).ravel()[keep])
     w, g, b, a, x = (np.concatenate(v) for v in (w_all, g_all, before_all, after_all, scale_all))
     valid = w != 0
     s = x * stiffness_ref(w / x, name)

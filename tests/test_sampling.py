@@ -81,6 +81,25 @@ def test_sampled_amax_scaling_uses_the_whole_tensors_amax(tmp_path):
         assert_matches(row, expected, what=row["step"])
 
 
+@pytest.mark.parametrize("block_size", [4, 32])
+def test_sampled_mx_scaling_uses_the_whole_blocks_scales(tmp_path, block_size):
+    """With scaling="mx" each sampled element is measured on the grid of its whole block (block 4: full and partial
+    blocks in TinyRegressor's 6- and 12-wide rows; 32: one partial block per row)."""
+    from test_mx import mx_window_expected
+
+    torch.manual_seed(0)
+    names = ("float8_e4m3fn", "float4_e2m1fn")
+    monitor = QuantizationMonitor(formats=list(names), scaling="mx", block_size=block_size, sample_fraction=0.5)
+    _, probe, _ = fit(tmp_path, monitor, model=TinyRegressor(lr=3e-3), max_steps=3)
+    picks = _picks(monitor)
+    for row, step in zip(csv_rows(tmp_path), probe.steps, strict=True):
+        masks = {n: np.isin(np.arange(a.size), picks[n]).reshape(a.shape)
+                 for n, a in zip(step["names"], step["w"], strict=True)}  # fmt: skip
+        for name in names:
+            for stat, value in mx_window_expected([step], name, block_size, masks=masks).items():
+                assert row[f"altgrad/{name}/{stat}"] == pytest.approx(value, abs=1e-12), (row["step"], name, stat)
+
+
 def test_sampled_mx_block_counts_count_the_sampled_elements(tmp_path):
     from test_mx import mx_block_counts
 

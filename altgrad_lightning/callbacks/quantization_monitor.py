@@ -263,6 +263,7 @@ class QuantizationMonitor(Callback):
         self._local: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}
         # scaling="mx" when sharded: id(parameter) -> its shard's MxLayout.
         self._mx_layout: dict[int, _MxLayout] = {}
+        self._mx_takes: dict[int, torch.Tensor] = {}  # id(parameter) -> see _mx_take
 
     @property
     def state_key(self) -> str:
@@ -313,6 +314,7 @@ class QuantizationMonitor(Callback):
         self._rank = trainer.global_rank
         self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
         self._samples = self._draw_samples(trainer) if self.sample_fraction is not None else {}
+        self._mx_takes = {}
         self._fused_passes = {}
         # The fast path reads whole plain tensors: never DTensors, nor (padded, partly replicated) sharded runs.
         if self.fused and not self.per_parameter and not self._sharded:
@@ -363,6 +365,8 @@ class QuantizationMonitor(Callback):
                 shard_scales = self._sharded_scales(key)
             elif self.scaling == "amax":  # every parameter's amax from one multi-tensor kernel, not one per tensor
                 shard_scales = self._amax_scales([p for _, p in self._selected[key] if p.grad is not None])
+            elif self.scaling == "mx" and not self._block_stalls:  # the scale arithmetic once for all blocks
+                shard_scales = self._mx_scales([p for _, p in self._selected[key] if p.grad is not None])
             else:
                 shard_scales = {}
             items = []
@@ -377,8 +381,10 @@ class QuantizationMonitor(Callback):
                 idx = self._samples.get(id(p))
                 if idx is not None:  # the scales of the whole tensor, at the sampled elements
                     scales = [
-                        s if s is None or s.dim() == 0 else torch.index_select(s.reshape(-1), 0, idx) for s in scales
-                    ]
+                        s if s is None or isinstance(s, _BlockScales) or s.dim() == 0
+                        else torch.index_select(s.reshape(-1), 0, idx)
+                        for s in scales
+                    ]  # fmt: skip
                 w = self._sampled_values(p, p.detach())
                 g = self._sampled_values(p, p.grad.detach())
                 g = g if grad_scale is None else g / grad_scale
@@ -423,6 +429,50 @@ class QuantizationMonitor(Callback):
                 out[id(p)] = [scales[i] for scales in per_format]
         return out
 
+    def _mx_scales(self, params: Sequence[torch.Tensor]) -> dict[int, list[Any]]:
+        """The MX scales of unsharded parameters, per format, as :class:`_BlockScales`: each parameter's block amaxes
+        (two small operations), then the scale arithmetic once per dtype and format on all blocks together; spread to
+        the elements (or the sampled ones) per joined run in :meth:`_batched`."""
+        bs = self.block_size
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[torch.Tensor, torch.Tensor, torch.Size]]] = {}
+        for p in params:
+            w = self._view(p, p.detach())
+            amax = _block_amax(w, bs).reshape(-1)
+            groups.setdefault((amax.dtype, amax.device), []).append((p, amax, w.shape))
+        out: dict[int, list[Any]] = {}
+        for entries in groups.values():
+            amaxes = torch.cat([a for _, a, _ in entries])
+            sizes = [a.numel() for _, a, _ in entries]
+            per_format = [_mx_block_scale(amaxes, fmt).split(sizes) for fmt in self.formats]
+            for i, (p, _, shape) in enumerate(entries):
+                take = self._mx_take(p, shape)
+                out[id(p)] = [
+                    _BlockScales(scales[i], take, shape, self._samples.get(id(p)) is not None) for scales in per_format
+                ]
+        return out
+
+    def _mx_take(self, p: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Which block each element of ``p`` (or each sampled element) takes its scale from: the elements per block
+        in row order (for ``repeat_interleave``), or the sampled elements' block numbers; cached per parameter."""
+        cached = self._mx_takes.get(id(p))
+        if cached is not None:
+            return cached
+        bs = self.block_size
+        cols = max(shape[-1] if len(shape) else 1, 1)
+        rows = math.prod(shape) // cols if len(shape) else 1
+        n_blocks = -(-cols // bs)
+        device = p.device
+        idx = self._samples.get(id(p))
+        if idx is None:
+            counts = torch.full((n_blocks,), bs, dtype=torch.int64, device=device)
+            counts[-1] = cols - (n_blocks - 1) * bs
+            take = counts.repeat(rows)
+        else:
+            i = idx.to(torch.int64)
+            take = (i // cols) * n_blocks + (i % cols) // bs
+        self._mx_takes[id(p)] = take
+        return take
+
     def _batched(self, items: list[_Pending]) -> list[_Pending]:
         """The parameters' tensors as they are (``per_parameter``, MX block counts: every parameter on its own), or
         concatenated into one flat tensor per dtype and device, so that the reference arithmetic runs once per step
@@ -431,7 +481,7 @@ class QuantizationMonitor(Callback):
         only groups of up to ``_CPU_BATCH`` elements (e.g. samples) are joined: there the cost is the arithmetic, and
         per-parameter temporaries stay in the caches, where one flat tensor's (and fresh pages for them) do not."""
         if self.per_parameter or self._block_stalls or len(items) < 2:
-            return items
+            return [_spread_block_scales(item) for item in items]
         groups: dict[tuple[Any, ...], list[_Pending]] = {}
         for item in items:
             assert item.grad is not None
@@ -441,13 +491,16 @@ class QuantizationMonitor(Callback):
             cap = _CPU_BATCH if same_kind[0].before.device.type == "cpu" else _GPU_BATCH
             for group in _runs(same_kind, cap):
                 if len(group) < 2:
-                    out += group
+                    out += [_spread_block_scales(item) for item in group]
                     continue
                 scales: list[torch.Tensor | None] = []
                 for f in range(len(self.formats)):
                     parts = [it.scales[f] for it in group]
                     if all(s is None for s in parts):
                         scales.append(None)
+                        continue
+                    if all(isinstance(s, _BlockScales) for s in parts):
+                        scales.append(_BlockScales.spread_all(parts))
                         continue
                     spread = [
                         s.reshape(1).expand(it.before.numel()) if s.dim() == 0 else s.reshape(-1)
@@ -969,6 +1022,36 @@ class _Pending:
     grad: torch.Tensor | None = None
     copied: bool = False  # ``before`` is a copy already (a gathered sample, a concatenation)
     sizes: tuple[int, ...] | None = None
+
+
+@dataclass
+class _BlockScales:
+    """The MX scales of one parameter's blocks (flat, row order) and how its elements take them: ``take`` holds the
+    elements per block (spread with ``repeat_interleave``) or, ``sampled``, each sampled element's block number."""
+
+    blocks: torch.Tensor
+    take: torch.Tensor
+    shape: torch.Size
+    sampled: bool
+
+    def per_element(self) -> torch.Tensor:
+        """One scale per element, shaped like the parameter (flat for a sample)."""
+        if self.sampled:
+            return torch.index_select(self.blocks, 0, self.take)
+        return torch.repeat_interleave(self.blocks, self.take).reshape(self.shape)
+
+    @staticmethod
+    def spread_all(parts: Sequence[Any]) -> torch.Tensor:
+        """The flat per-element scales of several parameters joined in order: one operation for whole tensors."""
+        if all(not s.sampled for s in parts):
+            return torch.repeat_interleave(torch.cat([s.blocks for s in parts]), torch.cat([s.take for s in parts]))
+        return torch.cat([s.per_element().reshape(-1) for s in parts])
+
+
+def _spread_block_scales(item: _Pending) -> _Pending:
+    """``item`` with any :class:`_BlockScales` turned into per-element scales (for a parameter measured alone)."""
+    item.scales = [s.per_element() if isinstance(s, _BlockScales) else s for s in item.scales]
+    return item
 
 
 def _runs(items: list[_Pending], cap: int) -> list[list[_Pending]]:
