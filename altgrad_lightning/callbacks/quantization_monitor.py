@@ -202,19 +202,12 @@ class QuantizationMonitor(Callback):
         if not isinstance(log_histogram, bool):
             raise TypeError(f"Expected argument `log_histogram` to be a bool, but got {log_histogram!r}")
         self.log_histogram = log_histogram
-        if stall_threshold is not None:
-            if isinstance(stall_threshold, bool) or not isinstance(stall_threshold, (int, float)):
-                raise TypeError(
-                    f"Expected argument `stall_threshold` to be None or a float, but got {stall_threshold!r}"
-                )
-            if not 0 < stall_threshold <= 1:
-                raise ValueError(f"Expected argument `stall_threshold` to lie in (0, 1], but got {stall_threshold!r}")
-            if "flips" not in self.diagnostics:
-                raise ValueError(
-                    "Expected argument `stall_threshold` to come with the 'flips' diagnostic (it watches "
-                    f"update_stall_frac), but got diagnostics={list(self.diagnostics)}"
-                )
-        self.stall_threshold = None if stall_threshold is None else float(stall_threshold)
+        self.stall_threshold = _check_fraction(stall_threshold, "stall_threshold")
+        if self.stall_threshold is not None and "flips" not in self.diagnostics:
+            raise ValueError(
+                "Expected argument `stall_threshold` to come with the 'flips' diagnostic (it watches "
+                f"update_stall_frac), but got diagnostics={list(self.diagnostics)}"
+            )
         # Alerts: per selected parameter and format, the window's [n_updated, n_stall] (rows in selection order).
         self._param_names: list[str] = []
         self._param_row: dict[int, int] = {}  # id(parameter) -> row
@@ -226,16 +219,9 @@ class QuantizationMonitor(Callback):
         if not isinstance(fused, bool):
             raise ValueError(f"Expected argument `fused` to be a bool, but got {fused!r}")
         self.fused = fused
-        if sample_fraction is not None:
-            if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)):
-                raise TypeError(
-                    f"Expected argument `sample_fraction` to be None or a float, but got {sample_fraction!r}"
-                )
-            if not 0 < sample_fraction <= 1:
-                raise ValueError(f"Expected argument `sample_fraction` to lie in (0, 1], but got {sample_fraction!r}")
+        self.sample_fraction = _check_fraction(sample_fraction, "sample_fraction")
         if not isinstance(sample_seed, int) or isinstance(sample_seed, bool):
             raise TypeError(f"Expected argument `sample_seed` to be an int, but got {sample_seed!r}")
-        self.sample_fraction = None if sample_fraction is None else float(sample_fraction)
         self.sample_seed = sample_seed
         # With sample_fraction: id(parameter) -> the int32 indices of its sampled elements (of the rank's shard).
         self._samples: dict[int, torch.Tensor] = {}
@@ -1277,6 +1263,17 @@ def _masked(sums: dict[str, torch.Tensor], taken: torch.Tensor | None) -> dict[s
     if taken is None:
         return sums
     return {k: torch.where(taken.to(v.device), v, torch.zeros_like(v)) for k, v in sums.items()}
+
+
+def _check_fraction(value: object, arg: str) -> float | None:
+    """``value`` as a float in (0, 1], or None; one clear error naming ``arg`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected argument `{arg}` to be None or a float, but got {value!r}")
+    if not 0 < value <= 1:
+        raise ValueError(f"Expected argument `{arg}` to lie in (0, 1], but got {value!r}")
+    return float(value)
 
 
 def _compile(patterns: str | Sequence[str] | None, arg: str) -> list[re.Pattern[str]]:
