@@ -114,7 +114,7 @@ class QuantizationMonitor(Callback):
             ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path, per optimizer and step.
         sample_fraction: measure a fixed random subset of the weight elements instead of all of them: each element
             of each selected parameter (of the rank's shard, when sharded) is in it independently with this
-            probability, drawn once at the start of fit from ``sample_seed`` (plus the global rank), so the same
+            probability, drawn once at the start of fit from ``sample_seed`` (plus the rank when sharded), so the same
             elements are measured at every step and again after a resume. Memory: the snapshot and an int32 index per
             sampled element, ``2 * sample_fraction`` of one float32 copy of the parameters (0.02 gives 4 %) instead
             of one whole copy; time falls about in proportion. Because the subset ignores the values, it is a
@@ -250,6 +250,7 @@ class QuantizationMonitor(Callback):
         # scaling="mx" when sharded: id(parameter) -> its shard's MxLayout.
         self._mx_layout: dict[int, _MxLayout] = {}
         self._mx_takes: dict[int, torch.Tensor] = {}  # id(parameter) -> see _mx_take
+        self._row_tensors: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}  # see _rows_tensor
 
     @property
     def state_key(self) -> str:
@@ -301,6 +302,7 @@ class QuantizationMonitor(Callback):
         self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
         self._samples = self._draw_samples(trainer) if self.sample_fraction is not None else {}
         self._mx_takes = {}
+        self._row_tensors = {}
         self._fused_passes = {}
         # The fast path reads whole plain tensors: never DTensors, nor (padded, partly replicated) sharded runs.
         if self.fused and not self.per_parameter and not self._sharded:
@@ -559,7 +561,16 @@ class QuantizationMonitor(Callback):
                                 if taken is not None:
                                     counts = torch.where(taken, counts, torch.zeros_like(counts))
                             target = self._stall_counts[fmt.name]
-                            target.index_add_(0, torch.tensor(row_ids, device=target.device), counts.to(target))
+                            target.index_add_(0, self._rows_tensor(row_ids, target.device), counts.to(target))
+
+    def _rows_tensor(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        """``rows`` as an index tensor on ``device``, uploaded once per distinct list (a synchronous copy otherwise
+        at every step)."""
+        key = (tuple(rows), device)
+        cached = self._row_tensors.get(key)
+        if cached is None:
+            cached = self._row_tensors[key] = torch.tensor(rows, device=device)
+        return cached
 
     def _count_block_stalls(
         self,
@@ -674,8 +685,8 @@ class QuantizationMonitor(Callback):
 
     def _draw_samples(self, trainer: pl.Trainer) -> dict[int, torch.Tensor]:
         """Every selected parameter's sampled elements (of this rank's shard): each element independently with
-        probability ``sample_fraction``, from a generator seeded with ``sample_seed`` (plus the global rank, so that
-        shards draw independently); the same subset for the whole fit and again after a resume."""
+        probability ``sample_fraction``, from a generator seeded with ``sample_seed`` (plus the global rank when
+        sharded, so that shards draw independently); the same subset for the whole fit and again after a resume."""
         assert self.sample_fraction is not None
         generators: dict[torch.device, torch.Generator] = {}
         samples: dict[int, torch.Tensor] = {}
@@ -687,7 +698,8 @@ class QuantizationMonitor(Callback):
             g = generators.get(p.device)
             if g is None:
                 g = generators[p.device] = torch.Generator(device=p.device)
-                g.manual_seed(self.sample_seed + trainer.global_rank)
+                # Replicas (one process, DDP) draw the same subset, so every rank computes the same numbers.
+                g.manual_seed(self.sample_seed + (trainer.global_rank if self._sharded else 0))
             chosen = torch.rand(n, generator=g, device=p.device) < self.sample_fraction
             samples[id(p)] = chosen.nonzero().flatten().to(torch.int32 if n < 2**31 else torch.int64)
             n_all += n
