@@ -115,6 +115,39 @@ def distributed_env(rank: int, port: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
 
 
+def free_port() -> int:
+    """A free TCP port on localhost for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_processes(context: Any, timeout_s: float = 120) -> None:
+    """Wait for the processes of ``torch.multiprocessing.start_processes(..., join=False)``; fail instead of hanging
+    on a deadlock (the processes are then killed)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            raise TimeoutError(f"the distributed run did not finish within {timeout_s} s (deadlock?)")
+
+
+def finish_distributed() -> None:
+    """End a worker as a script should: wait for the other rank, then tear the process group down. A rank that
+    exits while gloo's threads still serve the other rank's last collective can abort ("terminate called without
+    an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fsdp2_cpu_trainer(tmp_path, callbacks: Sequence[Any], **overrides: Any) -> pl.Trainer:
     """A 2-process FSDP2 Trainer (``ModelParallelStrategy``, gloo, CPU) for 4 steps, logging CSV at steps 1 and 3
     (``overrides`` replace any of these Trainer arguments)."""

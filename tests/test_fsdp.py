@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import socket
 import warnings
 
 import ml_dtypes
@@ -31,7 +30,10 @@ from callback_helpers import (
     assert_matches,
     csv_rows,
     distributed_env,
+    finish_distributed,
+    free_port,
     fsdp2_cpu_trainer,
+    join_processes,
     reference,
 )
 from lightning.pytorch.loggers import CSVLogger
@@ -45,12 +47,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 FORMATS = ("float8_e4m3fn", "bfloat16")
 MX_FORMATS = ("float8_e4m3fn", "float4_e2m1fn")
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
@@ -80,11 +76,12 @@ def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
             },
             fh,
         )
+    finish_distributed()
 
 
 def test_fsdp2_two_cpu_processes_log_the_global_values(tmp_path):
-    context = mp.start_processes(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    _join(context, tmp_path)
+    context = mp.start_processes(_fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    join_processes(context, TIMEOUT_S)
 
     info = [pickle.load(open(tmp_path / f"rank{r}.pkl", "rb")) for r in (0, 1)]
     assert info[0]["sharded"] == info[1]["sharded"] == [True] * 4
@@ -184,18 +181,6 @@ def _amax_reference(window, keep=None) -> dict[str, float]:
     return out
 
 
-def _join(context, tmp_path) -> None:
-    """Wait for both ranks; fail instead of hanging on a deadlock (the ranks are then killed)."""
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            raise TimeoutError(f"FSDP2 run did not finish within {TIMEOUT_S} s (deadlock?)")
-
-
 # --- MX block scaling on shards ---------------------------------------------------------------------------------------
 
 
@@ -205,6 +190,7 @@ def _mx_worker(rank: int, port: int, tmp_path: str) -> None:
     monitor = QuantizationMonitor(formats=MX_FORMATS, scaling="mx", block_size=4, per_parameter=True)
     trainer = fsdp2_cpu_trainer(tmp_path, [monitor, FullTensorProbe(save_dir=tmp_path)])
     trainer.fit(ShardedRegressor())
+    finish_distributed()
 
 
 def test_fsdp2_mx_scaling_logs_the_whole_tensor_recomputation(tmp_path):
@@ -214,8 +200,8 @@ def test_fsdp2_mx_scaling_logs_the_whole_tensor_recomputation(tmp_path):
     tensors."""
     from test_mx import mx_block_counts, mx_window_expected
 
-    context = mp.start_processes(_mx_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    _join(context, tmp_path)
+    context = mp.start_processes(_mx_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    join_processes(context, TIMEOUT_S)
     steps = pickle.load(open(tmp_path / "probe_rank0.pkl", "rb"))["steps"]
     rows = csv_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 3]
@@ -259,6 +245,7 @@ def _resume_worker(rank: int, port: int, tmp_path: str, resume: bool) -> None:
     )
     ckpt = os.path.join(tmp_path, "ckpt", "epoch=0-step=3.ckpt") if resume else None
     trainer.fit(ShardedRegressor(), ckpt_path=ckpt)
+    finish_distributed()
 
 
 def test_fsdp2_resume_mid_window_logs_the_uninterrupted_series(tmp_path):
@@ -266,8 +253,8 @@ def test_fsdp2_resume_mid_window_logs_the_uninterrupted_series(tmp_path):
     the monitor and for WeightQuantizer's counts: the run resumed from it logs what the run that never stopped logs,
     every key (per parameter, stall alert, stored-weight fractions) at every logging step."""
     for resume in (False, True):
-        context = mp.start_processes(_resume_worker, args=(_free_port(), str(tmp_path), resume), nprocs=2, join=False)
-        _join(context, tmp_path)
+        context = mp.start_processes(_resume_worker, args=(free_port(), str(tmp_path), resume), nprocs=2, join=False)
+        join_processes(context, TIMEOUT_S)
     straight, resumed = csv_rows(tmp_path / "straight"), csv_rows(tmp_path / "resumed")
     logged = lambda rows: {r["step"]: r for r in rows if "altgrad/ulp_mean" in r}  # noqa: E731
     straight, resumed = logged(straight), logged(resumed)
@@ -321,7 +308,7 @@ def _reduction_worker(rank: int, port: int, tmp_path: str) -> None:
 
 
 def test_packed_all_reduce_of_uneven_shards_equals_one_process(tmp_path):
-    mp.spawn(_reduction_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_reduction_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for r in (0, 1):
         res = pickle.load(open(tmp_path / f"reduce{r}.pkl", "rb"))
         assert res["dtypes"][0]["n_total"] == torch.int64 and res["dtypes"][1]["err_max"] == torch.float64

@@ -26,8 +26,11 @@ from callback_helpers import (
     _grid,
     csv_rows,
     distributed_env,
+    finish_distributed,
     fit,
+    free_port,
     fsdp2_cpu_trainer,
+    join_processes,
     native,
     round_to,
 )
@@ -355,24 +358,14 @@ def _fsdp2_worker(rank: int, port: int, tmp_path: str) -> None:
     ]
     trainer = fsdp2_cpu_trainer(tmp_path, callbacks)
     trainer.fit(ShardedRegressor(lr=1e-2))
+    finish_distributed()
 
 
 def test_fsdp2_shards_are_stored_in_place_and_counted_once(tmp_path):
-    import socket
-    import time
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_fsdp2_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in context.processes:
-                proc.kill()
-            raise TimeoutError("FSDP2 run did not finish within 120 s (deadlock?)")
+    context = mp.start_processes(_fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    join_processes(context, 120)
 
     steps = pickle.load(open(tmp_path / "probe_rank0.pkl", "rb"))["steps"]
     stored = [pickle.load(open(tmp_path / f"stored_rank{r}.pkl", "rb")) for r in (0, 1)]
