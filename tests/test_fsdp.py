@@ -218,6 +218,47 @@ def test_fsdp2_mx_scaling_logs_the_whole_tensor_recomputation(tmp_path):
             np.testing.assert_array_equal(stalls[name][pname].numpy(), counts, err_msg=f"{name} {pname}")
 
 
+# --- a sample of the shards ------------------------------------------------------------------------------------------
+
+
+def _sampled_worker(rank: int, port: int, tmp_path: str) -> None:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    distributed_env(rank, port)
+    torch.manual_seed(0)
+    monitor = QuantizationMonitor(formats=FORMATS, sample_fraction=0.5, sample_seed=1)
+    trainer = fsdp2_cpu_trainer(tmp_path, [monitor, FullTensorProbe(save_dir=tmp_path)])
+    trainer.fit(ShardedRegressor())
+    picks = {}  # parameter -> this rank's sampled elements as flat indices into the whole tensor
+    for name, p in trainer.lightning_module.named_parameters():
+        idx = monitor._samples.get(id(p))
+        if idx is None:
+            continue
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        inner = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
+        picks[name] = offset[0] * inner + idx.cpu().numpy().astype(np.int64)
+    with open(os.path.join(tmp_path, f"picks{rank}.pkl"), "wb") as fh:
+        pickle.dump(picks, fh)
+    finish_distributed()
+
+
+def test_fsdp2_sampled_shards_log_the_recomputation_on_the_union_of_the_samples(tmp_path):
+    """sample_fraction on FSDP2: each rank samples its own shard (its own seed), and the logged values are the
+    numpy recomputation on the union of both ranks' sampled elements of the whole tensors."""
+    from test_sampling import _subset
+
+    context = mp.start_processes(_sampled_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    join_processes(context, TIMEOUT_S)
+    ranks = [pickle.load(open(tmp_path / f"picks{r}.pkl", "rb")) for r in (0, 1)]
+    picks = {name: np.sort(np.concatenate([r.get(name, np.zeros(0, np.int64)) for r in ranks])) for name in ranks[0]}
+    assert all(np.unique(v).size == v.size for v in picks.values())  # shards do not overlap
+    steps = pickle.load(open(tmp_path / "probe_rank0.pkl", "rb"))["steps"]
+    rows = csv_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 3]
+    for row, window in zip(rows, (steps[0:2], steps[2:4]), strict=True):
+        assert_matches(row, reference([_subset(s, picks) for s in window], formats=FORMATS), what=row["step"])
+
+
 # --- resuming a sharded run ------------------------------------------------------------------------------------------
 
 
