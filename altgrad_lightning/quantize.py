@@ -280,7 +280,8 @@ _native_modes: dict[tuple[str, torch.dtype, str, bool], str | None] = {}
 
 def _fast_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor | None:
     """``quantize(x, fmt, saturate=saturate)`` without the ~30 elementwise kernels of the reference arithmetic, or
-    None where no fast path applies (float64 inputs, formats that are no torch dtype on CPU, ``torch.compile``).
+    None where no fast path applies (float64 inputs, formats that are no torch dtype on CPU, ``torch.compile``,
+    inputs that record an autograd graph).
 
     - CUDA with Triton: one kernel (``_fused.triton_quantize``), one read and one write per element, for every format
       the fused diagnostics support (all presets but e8m0 and e0m7, and user formats like them).
@@ -293,6 +294,8 @@ def _fast_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Te
       differs too the reference path is used.
     """
     if x.dtype == torch.float64 or torch.compiler.is_compiling() or not x.is_contiguous():
+        return None
+    if x.requires_grad and torch.is_grad_enabled():  # keep the autograd graph the reference arithmetic builds
         return None
     if x.device.type == "cuda":
         from altgrad_lightning.functional._fused import HAS_TRITON, fused_format_supported, triton_quantize
