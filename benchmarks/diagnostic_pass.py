@@ -218,8 +218,8 @@ def main() -> int:
             print(f"ablate ulp, histogram window {window} buckets: after {a_t * 1e3:.3f} ms")
         _fused._WINDOW = 256
     if args.sweep:
-        for chunk, block, warps in [(8192, 512, 4), (16384, 512, 4), (32768, 1024, 8), (16384, 256, 2),
-                                    (16384, 1024, 4), (65536, 1024, 8), (16384, 2048, 8)]:  # fmt: skip
+        for chunk, block, warps in [(8192, 128, 4), (8192, 128, 2), (8192, 256, 8), (4096, 256, 4),
+                                    (16384, 256, 4), (8192, 512, 8), (8192, 512, 4)]:  # fmt: skip
             _fused.CHUNK, _fused._BLOCK, _fused._NUM_WARPS = chunk, block, warps
             sweep_pass = FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"))
             b_t, a_t = _split_times(sweep_pass, gs, params, ws, afters)
