@@ -69,6 +69,7 @@ def test_every_config_is_tested():
         "mx_whatif.yaml",
         "per_layer.yaml",
         "quickstart.yaml",
+        "sampled.yaml",
         "storage_e4m3.yaml",
         "storage_e4m3_sr.yaml",
         "wandb.yaml",
@@ -119,6 +120,31 @@ def test_storage_config_run_observes_what_the_monitor_predicts(tmp_path: Path):
     for r in rows:
         assert r[key + "update_stall_frac"] == r[key + "stored_update_stall_frac"]
     assert min(r[key + "update_stall_frac"] for r in rows) < 1.0  # some updates get through
+
+
+def test_sampled_config_runs_on_a_two_percent_sample(tmp_path: Path):
+    """configs/sampled.yaml through the real entry point: a 2 % sample with amax scaling logs the stall fractions
+    of both formats, and says how many elements it measures."""
+    cli = _instantiate("sampled.yaml")
+    monitor = _monitor(cli)
+    assert (monitor.sample_fraction, monitor.scaling, monitor.stall_threshold) == (0.02, "amax", 0.9)
+    proc = _run_cli(
+        tmp_path,
+        "sampled.yaml",
+        "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0",
+        "--data.num_train=512",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "measuring a fixed sample of" in proc.stdout + proc.stderr
+    with open(tmp_path / "runs" / "sampled" / "version_0" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("altgrad/float8_e5m2/update_stall_frac")]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0.0 <= float(r["altgrad/float8_e4m3fn/update_stall_frac"]) <= 1.0
 
 
 def test_quickstart_instantiates():
