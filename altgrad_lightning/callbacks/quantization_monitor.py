@@ -446,9 +446,9 @@ class QuantizationMonitor(Callback):
         if cached is not None:
             return cached
         bs = self.block_size
-        cols = max(shape[-1] if len(shape) else 1, 1)
-        rows = math.prod(shape) // cols if len(shape) else 1
-        n_blocks = -(-cols // bs)
+        layout = _MxLayout.whole(shape)
+        cols = layout.cols
+        rows, n_blocks = layout.block_shape(bs)
         device = p.device
         idx = self._samples.get(id(p))
         if idx is None:
@@ -615,9 +615,8 @@ class QuantizationMonitor(Callback):
         stalled: torch.Tensor,
         taken: torch.Tensor | None,
     ) -> None:
-        shape = self._view(p, p.detach()).shape
-        cols = max(shape[-1] if len(shape) else 1, 1)
-        layout = self._mx_layout.get(id(p)) or _MxLayout(0, math.prod(shape) // cols, 0, cols, False)
+        layout = self._mx_layout.get(id(p)) or _MxLayout.whole(self._view(p, p.detach()).shape)
+        cols = layout.cols
         rows, n_blocks = layout.block_shape(self.block_size)
         i = idx.to(torch.int64)
         block = (layout.row_offset + i // cols) * n_blocks + (layout.col_offset + i % cols) // self.block_size
@@ -810,12 +809,8 @@ class QuantizationMonitor(Callback):
         ``state_dict`` a collective in a sharded run, as the model's own state dict is: Lightning calls it on every
         rank when it saves a checkpoint (``trainer.save_checkpoint`` must be called on every rank).
         """
-        self._drain_fused()
-        sums = [m.sums() for m in self._metrics.values()]
-        stalls = [{"counts": c} for c in self._stall_counts.values()]
-        if self._sharded and sums and _distributed_ready():
-            reduced = all_reduce_sums(sums + stalls)
-            sums, stalls = reduced[: len(sums)], reduced[len(sums) :]
+        window = self._window_sums()
+        sums, stalls = window[: len(self._metrics)], window[len(self._metrics) :]
         return {
             "skipped_steps": self._skipped_steps + self._skipped_device_count(),
             "sampled_steps": self._sampled,
@@ -948,19 +943,26 @@ class QuantizationMonitor(Callback):
             return None
         return scaler._scale  # a device tensor: dividing by it needs no host synchronisation
 
-    def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+    def _window_sums(self) -> list[dict[str, torch.Tensor]]:
+        """The window's sums of every metric, then its per-parameter stall counts (``{"counts": ...}`` per format),
+        made global: sharded, every rank holds the sums of its own elements, and one packed SUM and one packed MAX
+        all-reduce (see ``all_reduce_sums``) reduce them; replicated (DDP), every rank has the global numbers."""
         self._drain_fused()
-        out: dict[str, torch.Tensor] = {}
         local = [metric.sums() for metric in self._metrics.values()]
         stalls = [{"counts": c} for c in self._stall_counts.values()]
-        # Sharded: every rank holds the sums of its own elements; one packed SUM and one packed MAX all-reduce
-        # (see all_reduce_sums) make them global. Replicated (DDP): every rank already has the global numbers.
-        totals = all_reduce_sums(local + stalls) if self._sharded and local else local + stalls
+        if self._sharded and local and _distributed_ready():
+            return all_reduce_sums(local + stalls)
+        return local + stalls
+
+    def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        n_metrics = len(self._metrics)
+        totals = self._window_sums()
         # The statistics are a few dozen tiny operations per metric: on the host, after one transfer.
         skipped_dev = {} if self._skipped_on_device is None else {"skipped": self._skipped_on_device}
         totals = sums_to_host([*totals, skipped_dev])
         skipped_dev = totals.pop()
-        totals, stall_totals = totals[: len(local)], totals[len(local) :]
+        totals, stall_totals = totals[:n_metrics], totals[n_metrics:]
         self._window_stalls = {name: t["counts"] for name, t in zip(self._stall_counts, stall_totals, strict=True)}
         self._stall_counts = {name: torch.zeros_like(c) for name, c in self._stall_counts.items()}
         for (key, metric), sums in zip(self._metrics.items(), totals, strict=True):
@@ -1087,6 +1089,13 @@ class _MxLayout:
 
     def block_shape(self, block_size: int) -> tuple[int, int]:
         return self.rows, -(-self.cols // block_size)
+
+    @staticmethod
+    def whole(shape: torch.Size) -> _MxLayout:
+        """A whole (unsharded) tensor of ``shape`` as rows of its last dimension (at least one column, so that an
+        empty tensor has no rows)."""
+        cols = max(shape[-1] if len(shape) else 1, 1)
+        return _MxLayout(0, math.prod(shape) // cols, 0, cols, False)
 
 
 def _mx_shard_layout(name: str, p: torch.Tensor) -> _MxLayout:

@@ -244,16 +244,10 @@ class WeightQuantizer(Callback):
 
     # --- checkpointing -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        # Sharded: each rank counts its own shard and only rank 0's callback state reaches the checkpoint, so the
-        # window's counts are summed over the ranks first (a collective: Lightning calls this on every rank).
-        counts = self._counts
-        if self._sharded and _distributed_ready():
-            import torch.distributed as dist
-
-            counts = counts.clone()
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        # Sharded: only rank 0's callback state reaches the checkpoint, so it holds the counts of all ranks (a
+        # collective: Lightning calls this on every rank).
         return {
-            "counts": counts.detach().cpu().clone(),
+            "counts": self._window_counts().detach().cpu().clone(),
             "generators": {device: g.get_state() for device, g in self._generators.items()},
         }
 
@@ -309,13 +303,18 @@ class WeightQuantizer(Callback):
             counts = torch.where(taken.to(counts.device), counts, torch.zeros_like(counts))
         self._counts += counts.to(self._counts.device)
 
-    def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+    def _window_counts(self) -> torch.Tensor:
+        """The window's counts; sharded (each rank counts its own shard), summed over the ranks by one all-reduce."""
         counts = self._counts
-        if self._sharded:
+        if self._sharded and _distributed_ready():
             import torch.distributed as dist
 
             counts = counts.clone()
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts
+
+    def _compute_and_reset(self) -> dict[str, torch.Tensor]:
+        counts = self._window_counts()
         key = f"{self.prefix}/{self.format.name}"
         out = {
             f"{key}/stored_update_stall_frac": ratio(counts[_N_STALL], counts[_N_UPDATED]),
