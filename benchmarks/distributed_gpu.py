@@ -575,22 +575,17 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     t_start = time.perf_counter()
     common = ["--accelerator", args.accelerator, "--steps", str(args.steps)]
-    done = {r for r in runs if launch(r, ["--run", r, *common], os.path.join(root, r), args.timeout, not cuda)}
+
+    def child(name: str, flags: list[str]) -> bool:
+        return launch(name, [*flags, *common], os.path.join(root, name), args.timeout, not cuda)
+
+    done = {r for r in runs if child(r, ["--run", r])}
     ok &= len(done) == len(runs)
-    timing_ok = not args.no_timing and launch(
-        "timing",
-        ["--timing", *common, "--timing-steps", str(args.timing_steps), "--timing-rounds", str(args.timing_rounds)],
-        os.path.join(root, "timing"),
-        args.timeout,
-        not cuda,
-    )
+    timing_flags = ["--timing", "--timing-steps", str(args.timing_steps), "--timing-rounds", str(args.timing_rounds)]
+    timing_ok = not args.no_timing and child("timing", timing_flags)
     ok &= args.no_timing or timing_ok
-    comm_ok = not args.no_comm and launch(
-        "comm",
-        ["--comm", *common, "--comm-iters", str(args.comm_iters), "--comm-warmup", str(args.comm_warmup)],
-        os.path.join(root, "comm"),
-        args.timeout,
-        not cuda,
+    comm_ok = not args.no_comm and child(
+        "comm", ["--comm", "--comm-iters", str(args.comm_iters), "--comm-warmup", str(args.comm_warmup)]
     )
     ok &= args.no_comm or comm_ok
 
