@@ -92,6 +92,38 @@ def _split_times(fused, gs, params, ws, afters, repeats=9):
     return statistics.median(tb), statistics.median(ta)
 
 
+def _queued_times(fused, gs, params, ws, afters, reps=10, rounds=5):
+    """GPU time of ``before`` and of ``after`` with the launch queue kept full (CUDA events around ``reps``
+    back-to-back calls, median over ``rounds``), and the host time of one call (launch overhead, no sync): what a
+    GPU-bound training step pays, and what the CPU pays, separately."""
+    tb, ta, cb, ca = [], [], [], []
+    for _ in range(rounds):
+        torch._foreach_copy_(params, ws)
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fused.before(gs, None)
+        t1 = time.perf_counter()
+        ev[1].record()
+        torch._foreach_copy_(params, afters)
+        ev[2].record()  # the copy is timed apart below
+        t2 = time.perf_counter()
+        for _ in range(reps):
+            fused.after()
+        t3 = time.perf_counter()
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        torch.cuda.synchronize()
+        fused.drain()
+        tb.append(ev[0].elapsed_time(ev[1]) / reps / 1e3)
+        ta.append(ev[2].elapsed_time(end) / reps / 1e3)
+        cb.append((t1 - t0) / reps)
+        ca.append((t3 - t2) / reps)
+    return tuple(statistics.median(v) for v in (tb, ta, cb, ca))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", nargs="+", default=["float8_e4m3fn"])
@@ -100,6 +132,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time other CHUNK/BLOCK/num_warps settings")
     ap.add_argument("--ablate", action="store_true", help="time each diagnostic family alone, and no histogram")
     ap.add_argument("--no-reference", action="store_true", help="skip timing the (slow) reference path")
+    ap.add_argument("--groups", action="store_true", help="time formats per launch (before/after) alternatives")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA (the fast path is CUDA-only)")
@@ -203,14 +236,28 @@ def main() -> int:
         print(f"| {name} | {med[name] * 1e3:.3f} | {floor / med[name]:.2f} |")
     print(f"| copy of all parameters | {med['copy'] * 1e3:.3f} | - |")
     print(f"fused split: before {split[0] * 1e3:.3f} ms, after {split[1] * 1e3:.3f} ms "
-          f"(CHUNK {_fused.CHUNK}, BLOCK {_fused._BLOCK}, warps {_fused._NUM_WARPS})")  # fmt: skip
+          f"(CHUNK {_fused.CHUNK}, tile {_fused._ROWS}x{_fused._VEC}, warps {_fused._NUM_WARPS})")  # fmt: skip
+    qb, qa, cb, ca = _queued_times(fused, gs, params, ws, afters)
+    print(f"queued (GPU time, launch queue full): before {qb * 1e3:.3f} ms, after {qa * 1e3:.3f} ms, pass "
+          f"{(qb + qa) * 1e3:.3f} ms, achieved/floor {floor / (qb + qa):.2f}; host time per call: before "
+          f"{cb * 1e3:.3f} ms, after {ca * 1e3:.3f} ms")  # fmt: skip
+    if args.groups:
+        default = dict(_fused._MAX_FORMATS)
+        for nb, na in [(1, 1), (2, 2), (4, 1), (4, 2), (2, 1)]:
+            _fused._MAX_FORMATS.update(before=nb, after=na)
+            gp = FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"))
+            qb, qa, cb, ca = _queued_times(gp, gs, params, ws, afters)
+            print(f"groups before {nb} / after {na}: queued before {qb * 1e3:.3f} ms, after {qa * 1e3:.3f} ms, "
+                  f"achieved/floor {floor / (qb + qa):.2f}; host before {cb * 1e3:.3f}, "
+                  f"after {ca * 1e3:.3f} ms")  # fmt: skip
+        _fused._MAX_FORMATS.update(default)
     if args.ablate:
         for diags, hist in [(("stiffness",), True), (("grid",), True), (("ulp",), True), (("ulp",), False),
                             (("flips",), True), (("ulp", "flips"), False)]:  # fmt: skip
             _fused._HIST = hist
-            b_t, a_t = _split_times(FusedPass(params, fmts, diags), gs, params, ws, afters)
-            print(f"ablate {'+'.join(diags)}{'' if hist else ' (no histogram)'}: before {b_t * 1e3:.3f} ms, "
-                  f"after {a_t * 1e3:.3f} ms")  # fmt: skip
+            qb, qa, _, _ = _queued_times(FusedPass(params, fmts, diags), gs, params, ws, afters)
+            print(f"ablate {'+'.join(diags)}{'' if hist else ' (no histogram)'}: queued before {qb * 1e3:.3f} ms, "
+                  f"after {qa * 1e3:.3f} ms")  # fmt: skip
         _fused._HIST = True
         for window in (64, 128, 512):
             _fused._WINDOW = window
@@ -218,13 +265,17 @@ def main() -> int:
             print(f"ablate ulp, histogram window {window} buckets: after {a_t * 1e3:.3f} ms")
         _fused._WINDOW = 256
     if args.sweep:
-        for chunk, block, warps in [(8192, 128, 4), (8192, 128, 2), (8192, 256, 8), (4096, 256, 4),
-                                    (16384, 256, 4), (8192, 512, 8), (8192, 512, 4)]:  # fmt: skip
-            _fused.CHUNK, _fused._BLOCK, _fused._NUM_WARPS = chunk, block, warps
+        default = _fused.CHUNK, _fused._ROWS, _fused._NUM_WARPS, _fused._STAGES
+        for chunk, rows_per_thread, warps, stages in [(8192, 1, 4, 2), (8192, 1, 4, 3), (16384, 1, 4, 2),
+                                                      (16384, 1, 4, 1), (8192, 1, 2, 1), (8192, 1, 2, 2)]:  # fmt: skip
+            _fused.CHUNK, _fused._ROWS, _fused._NUM_WARPS = chunk, 32 * warps * rows_per_thread, warps
+            _fused._STAGES = stages
             sweep_pass = FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"))
-            b_t, a_t = _split_times(sweep_pass, gs, params, ws, afters)
-            print(f"sweep CHUNK {chunk} BLOCK {block} warps {warps}: before {b_t * 1e3:.3f} ms, "
-                  f"after {a_t * 1e3:.3f} ms, achieved/floor {floor / (b_t + a_t):.2f}")  # fmt: skip
+            b_t, a_t, _, _ = _queued_times(sweep_pass, gs, params, ws, afters)
+            print(f"sweep CHUNK {chunk} tile {_fused._ROWS}x{_fused._VEC} warps {warps} stages {stages}: queued "
+                  f"before {b_t * 1e3:.3f} ms, after {a_t * 1e3:.3f} ms, "
+                  f"achieved/floor {floor / (b_t + a_t):.2f}")  # fmt: skip
+        _fused.CHUNK, _fused._ROWS, _fused._NUM_WARPS, _fused._STAGES = default
     return 1 if bad else 0
 
 

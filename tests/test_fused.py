@@ -28,8 +28,10 @@ from altgrad_lightning.functional.stiffness import _gradient_stiffness_update  #
 from altgrad_lightning.functional.ulp import _ulp_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Ten formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
+# 2**emin) and a 29-bit format take the kernels' wide-index branches.
 FORMATS = ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "float8_e4m3fnuz", "float6_e2m3fn",
-           "float4_e2m1fn", "float8_e4m3"]  # fmt: skip
+           "float4_e2m1fn", "float8_e4m3", "float32", "float29_e8m20_ieee"]  # fmt: skip
 
 
 def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,6 +185,35 @@ def test_fused_pass_divides_unapplied_grad_scale():
     fused.before([(g * scale).to(DEVICE)], scale.to(DEVICE))
     got = fused.drain()[0]["stiffness"][fmt.name]
     _assert_sums_equal(got, _gradient_stiffness_update(w, g, fmt), "stiffness with grad scale")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA notion")
+def test_fused_steps_never_synchronise_the_host():
+    """A step of the fast path (``before``, ``after`` with and without ``taken``, per-parameter stalls, three
+    launches of formats) queues work and returns: any host synchronisation (a list index uploading an index tensor,
+    an ``.item()``) raises under ``set_sync_debug_mode("error")``. Otherwise the CPU could not run ahead of the GPU
+    and every step would pay the callback's host time on top of its GPU time."""
+    fmts = [get_format(f) for f in FORMATS[:6]]
+    data = [_adversarial(n, seed) for seed, n in enumerate([300, 9000])]
+    params = [d[0].clone().to(DEVICE) for d in data]
+    gs = [d[1].to(DEVICE) for d in data]
+    fused = FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"), per_parameter_stalls=True)
+    fused.before(gs, None)  # first step: compiles, uploads the gradient pointer table
+    fused.after()
+    taken = torch.tensor(True, device=DEVICE)
+    scale = torch.tensor(2.0, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            fused.before(gs, None)
+            fused.after()
+            fused.before(gs, scale)
+            fused.after(taken)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got, _ = fused.drain()
+    assert int(got["flips"][fmts[-1].name]["n_total"]) == 5 * sum(p.numel() for p in params)
 
 
 def test_unsupported_formats_are_declared():

@@ -1,19 +1,21 @@
-"""The fast path: every diagnostic of every format in two Triton kernels over a whole list of parameters.
+"""The fast path: every diagnostic of every format in a few Triton kernels over a whole list of parameters.
 
 The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
 elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
-on must cost next to nothing, so on CUDA the callback uses two kernels per format instead:
+on must cost next to nothing, so on CUDA the callback uses two kernels instead:
 
 - ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
-  ULP and flip diagnostics need (first format only), and reduces the stiffness and grid-alignment sums;
-- ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums and
-  the fine ULP histogram (first format only) and the flip sums.
+  ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;
+- ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums, the
+  fine ULP histogram and the flip sums (one format per launch: more formats cost more registers than the extra
+  reads of ``after`` cost bandwidth; ``_MAX_FORMATS``).
 
 Each kernel walks all parameters at once through a table of data pointers (no launch per parameter, no
 concatenation copy), so one step touches about 20 bytes per float32 parameter for one format, the floor of
-``benchmarks/NOTES.md``. Every program reduces its chunk to one row of partial sums; one ``sum`` over the rows
-gives the same sums as the reference ``_update`` functions (counts exactly, float64 sums up to summation order),
-which ``tests/test_fused.py`` checks on adversarial inputs.
+``benchmarks/NOTES.md``. Every program reduces its chunk to one row of partial sums, each thread first summing the
+four elements of its 16-byte loads in registers; one ``sum`` over the rows gives the same sums as the reference
+``_update`` functions (counts exactly, float64 sums up to summation order), which ``tests/test_fused.py`` checks on
+adversarial inputs. A step queues its kernels and a few small operations and returns: no host synchronisation.
 
 What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
 weights on one CUDA device, such float32 gradients, no per-tensor scaling, and signed formats with a
@@ -45,27 +47,57 @@ __all__ = ["FusedPass", "fused_format_supported", "fused_supported", "triton_qua
 
 CHUNK = 8192
 """Elements per Triton program: a program's chunk never crosses a parameter, so per-parameter sums are possible."""
-_BLOCK = 256  # 2 elements per thread at 4 warps: 88-128 registers, not 255 (occupancy; see NOTES.md)
+_VEC = 4  # elements per thread and row: one 16-byte load per tensor
 _NUM_WARPS = 4
+_ROWS = 32 * _NUM_WARPS  # one row per thread: a tile of 512 elements per loop iteration
+_STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): benchmarks/diagnostic_pass.py --sweep
+# Formats per launch of each kernel: fusing formats saves re-reading the tensors, but each format's accumulators and
+# temporaries cost registers, and past these counts occupancy falls faster than the bytes saved (NOTES.md).
+_MAX_FORMATS = {"before": 4, "after": 1}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
 
-# Columns of the partial-sum rows, in kernel order.
-_STIFF_COLS = ("n_valid", "n_zero_weight", "n_below", "sum_ratio", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
-_GRID_COLS = ("n_valid", "n_on_grid", "n_overflow", "n_underflow", "sum_err", "sum_err_sq", "err_max")
-_ULP_COLS = ("n_valid", "n_zero", "sum_ulp", "ulp_max")
-_FLIP_COLS = (
-    "n_valid",
-    "n_updated",
-    "n_flip",
-    "n_stall",
-    "sum_steps",
-    "sum_sr_move",
-    "sum_update_sq",
-    "sum_nearest_sq",
-    "sum_sr_sq",
-)
+# Columns of the partial-sum rows: the format-independent ones once per launch, then each format's.
+_STIFF_SHARED = ("n_valid", "n_zero_weight", "sum_x", "sum_xx")
+_STIFF_PER = ("n_below", "sum_ratio", "sum_y", "sum_yy", "sum_xy")
+_GRID_PER = ("n_on_grid", "n_overflow", "n_underflow", "sum_err", "sum_err_sq", "err_max")
+_ULP_SHARED = ("n_zero", "sum_ulp", "ulp_max")
+_FLIP_SHARED = ("n_updated", "sum_update_sq")
+_FLIP_PER = ("n_flip", "n_stall", "sum_steps", "sum_sr_move", "sum_nearest_sq", "sum_sr_sq")
+_MAX_COLS = ("err_max", "ulp_max")
+_Column = tuple[str, int | None, str]  # (family, format index in the launch or None for all of them, sum name)
+
+
+def _before_columns(do_stiff: bool, do_grid: bool, nf: int) -> list[_Column]:
+    """The ``before`` kernel's partial-row columns, in kernel order."""
+    cols: list[_Column] = [("stiffness", None, c) for c in _STIFF_SHARED] if do_stiff else []
+    cols += [("grid", None, "n_valid")] if do_grid else []
+    for f in range(nf):
+        cols += [("stiffness", f, c) for c in _STIFF_PER] if do_stiff else []
+        cols += [("grid", f, c) for c in _GRID_PER] if do_grid else []
+    return cols
+
+
+def _after_columns(do_ulp: bool, do_flips: bool, nf: int) -> list[_Column]:
+    """The ``after`` kernel's partial-row columns, in kernel order (``n_valid`` serves ULP and flips)."""
+    cols: list[_Column] = [("after", None, "n_valid")]
+    cols += [("ulp", None, c) for c in _ULP_SHARED] if do_ulp else []
+    if do_flips:
+        cols += [("flips", None, c) for c in _FLIP_SHARED]
+        cols += [("flips", f, c) for f in range(nf) for c in _FLIP_PER]
+    return cols
+
+
+def _format_constants(fmt: FloatFormat) -> tuple[int, int, int, float, float, int, float, float, float]:
+    """``(EMIN, ECLAMP, M, 2**M, max, index of max, and three powers of two for values below 2**EMIN)``: what the
+    kernels need of a format, as constexprs."""
+    m, emin = fmt.mantissa_bits, fmt.emin
+    e = max(math.frexp(fmt.max)[1] - 1, emin)
+    imax = ((e - emin) << m) + int(fmt.max * 2.0 ** (m - e))
+    scale = m - emin  # below 2**emin, _round_index scales by 2**scale in two float32 factors
+    below = (2.0 ** min(scale, 127), 2.0 ** max(scale - 127, 0), 2.0 ** (emin - m))
+    return emin, max(emin, fmt.emax), m, 2.0**m, float(fmt.max), imax, *below
 
 
 def fused_format_supported(fmt: FloatFormat) -> bool:
@@ -98,10 +130,6 @@ if HAS_TRITON:
         return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
 
     @triton.jit
-    def _pow2_f64(e):
-        return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-
-    @triton.jit
     def _pow2_f32(e):
         # Normal float32 powers of two only (-126 <= e <= 127).
         return ((e + 127) << 23).to(tl.float32, bitcast=True)
@@ -131,12 +159,6 @@ if HAS_TRITON:
         return (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
 
     @triton.jit
-    def _round_to_grid(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr):
-        """Nearest-even, saturating rounding of non-negative float32 ``a`` onto the format's grid (float32)."""
-        q = _round_unsaturated(a, EMIN, M, P2M)
-        return tl.where(q > FMAX, FMAX, q)
-
-    @triton.jit
     def _quantize_kernel(
         x_ptr, y_ptr, n, overflow_value,
         EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr, NEG_ZERO: tl.constexpr,
@@ -163,24 +185,75 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, q.to(y_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _grid_index(q, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr):
-        """Order-preserving index of non-negative grid values ``q`` (int32; exact for formats below 31 bits)."""
-        e = tl.maximum(_floor_log2_f32(q), EMIN)
-        return ((e - EMIN) << M) + _times_pow2(q, P2M, e).to(tl.int32)
+    def _pow2_f64(e):
+        """``2**e`` as float64 for -1022 <= e <= 1023 (int32 ``e``): the exponent field built in the high word."""
+        return (((e + 1023) << 20).to(tl.int64) << 32).to(tl.float64, bitcast=True)
 
     @triton.jit
-    def _ulp_bucket(b, w, valid):
-        """float32 ULP distance (int64, 0 where not valid) and its fine histogram bucket (int32, 0 for 0)."""
-        bb = b.to(tl.int32, bitcast=True)
-        bw = w.to(tl.int32, bitcast=True)
-        kb = tl.where(bb < 0, -(bb & 0x7FFFFFFF), bb).to(tl.int64)
-        kw = tl.where(bw < 0, -(bw & 0x7FFFFFFF), bw).to(tl.int64)
-        d = tl.where(valid, tl.abs(kw - kb), 0)
-        d1 = tl.maximum(d, 1)
-        k = ((d1.to(tl.float64).to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023  # exact: d < 2**33
-        rest = d1 - (tl.full(d1.shape, 1, tl.int64) << k)
-        sub = tl.where(k >= 4, rest >> tl.maximum(k - 4, 0), rest << tl.maximum(4 - k, 0))
-        return d, tl.where(d != 0, 1 + 16 * k + tl.minimum(sub, 15), 0).to(tl.int32)
+    def _col(v, col, f: tl.constexpr):
+        """Row vector ``v`` placed in column ``f`` of a ``[ROWS, NFP]`` accumulator (the column axis lives in each
+        thread's registers, so the select folds away and this is one add per row)."""
+        return tl.where(col == f, v[:, None], 0)
+
+    @triton.jit
+    def _round_index(a, FMTS: tl.constexpr, F: tl.constexpr):
+        """Nearest-even, saturating grid value of non-negative float32 ``a`` in format ``FMTS[F]`` and its
+        order-preserving grid index ``((e - EMIN) << M) + n`` for the value ``n * 2**(e - M)`` (``e`` the exponent
+        of ``a`` clamped to EMIN; a carry into the next binade lands on the same index). Only finite ``a``
+        matter; exact for formats below 31 bits.
+
+        With M < 23 it is integer surgery on the float32 bits, no conversions: above 2**EMIN the significand is
+        moved to [2**M, 2**(M + 1)) by setting its exponent field, below it ``a`` is scaled by 2**(M - EMIN)
+        (exactly, two factors); adding 2**23 then rounds to the nearest integer (ties to even) and leaves
+        ``n`` in the low bits, and the grid value is ``a``'s exponent field with ``n``'s bits as mantissa (a carry
+        increments the exponent), or ``n * 2**(EMIN - M)`` below 2**EMIN.
+        """
+        EMIN: tl.constexpr = FMTS[F][0]
+        M: tl.constexpr = FMTS[F][2]
+        P2M: tl.constexpr = FMTS[F][3]
+        FMAX: tl.constexpr = FMTS[F][4]
+        IMAX: tl.constexpr = FMTS[F][5]
+        bits = a.to(tl.int32, bitcast=True)
+        if M < 23:
+            normal = bits >= ((EMIN + 127) << 23)  # a >= 2**EMIN: non-negative floats order as their bits
+            r_normal = ((bits & 0x7FFFFF) | ((M + 127) << 23)).to(tl.float32, bitcast=True)
+            r = tl.where(normal, r_normal, (a * FMTS[F][6]) * FMTS[F][7])
+            t = r + 8388608.0  # 2**23 + n
+            n = t.to(tl.int32, bitcast=True) - 0x4B000000
+            q_normal = ((bits & 0x7F800000) - 0x800000 + (n << (23 - M))).to(tl.float32, bitcast=True)
+            q = tl.where(normal, q_normal, (t - 8388608.0) * FMTS[F][8])
+            idx = tl.where(normal, ((bits >> 23) - (EMIN + 127)) << M, 0) + n
+        else:  # float32's own significand width: nothing to round above 2**EMIN
+            e = tl.maximum(_floor_log2_f32(a), EMIN)
+            r = _times_pow2(a, P2M, e)
+            q = (r / P2M) * _pow2_f32(e)
+            idx = ((e - EMIN) << M) + r.to(tl.int32)
+        over = idx > IMAX  # q > FMAX
+        return tl.where(over, FMAX, q), tl.where(over, IMAX, idx)
+
+    @triton.jit
+    def _ordered(bits):
+        """float32 bits to an order-preserving int32 (sign-magnitude to two's complement; -0 and +0 both 0)."""
+        return tl.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+    @triton.jit
+    def _ulp_distance(b, w, valid):
+        """float32 ULP distance between ``b`` and ``w`` (uint32: it stays below 2**32; 0 where not valid)."""
+        kb = _ordered(b.to(tl.int32, bitcast=True))
+        kw = _ordered(w.to(tl.int32, bitcast=True))
+        ub = kb.to(tl.uint32, bitcast=True)
+        uw = kw.to(tl.uint32, bitcast=True)
+        return tl.where(valid, tl.where(kw >= kb, uw - ub, ub - uw), 0)  # modular differences, exact here
+
+    @triton.jit
+    def _fine_bucket(d):
+        """Fine ULP-histogram bucket of uint32 distances ``d >= 1``: ``1 + 16 k + s`` with ``k = floor(log2 d)``
+        and ``s`` the four bits below the leading one (exact integers below 32)."""
+        f = d.to(tl.float32)  # may round up to the next power of two: corrected below
+        k = (f.to(tl.int32, bitcast=True) >> 23) - 127
+        k = k - ((d >> k.to(tl.uint32)) == 0).to(tl.int32)
+        top = tl.where(k >= 4, d >> tl.maximum(k - 4, 0).to(tl.uint32), d << tl.maximum(4 - k, 0).to(tl.uint32))
+        return 16 * k + top.to(tl.int32) - 15
 
     @triton.jit
     def _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_: tl.constexpr):
@@ -195,216 +268,293 @@ if HAS_TRITON:
         return t, start, tl.load(numel + t), w_ptr, tl.multiple_of(tl.load(snap_off + t), 64)
 
     @triton.jit
-    def _source(offs, inb, idx_ptr, soff, SAMPLED: tl.constexpr):
-        """Element offsets in the parameter: the chunk's own, or with a sample the indices stored beside the
-        snapshot (same layout), so the snapshot holds the sampled elements contiguously."""
+    def _tile(start, i, n, soff, idx_ptr, ROWS: tl.constexpr, VEC: tl.constexpr, SAMPLED: tl.constexpr):
+        """One iteration's ``[ROWS, VEC]`` tile: its first element, the element offsets in the tile, the row mask
+        for loads and stores, the element mask, and the elements' offsets in the parameter from the tile's first
+        (the sample's indices with a sample, stored beside the snapshot in the same layout).
+
+        Loads are masked by rows of VEC elements, whole 16-byte groups, so that they vectorise: the group that holds
+        a parameter's last element may reach up to three elements past it, inside the same aligned 16 bytes (so
+        inside the allocation's page); those lanes are masked out of every sum by the element mask.
+        """
+        base = tl.multiple_of(start + i, ROWS * VEC)
+        first = tl.arange(0, ROWS)[:, None] * VEC
+        loc = first + tl.arange(0, VEC)[None, :]
+        left = n - base
+        row_in = first < left
         if SAMPLED:
-            return tl.load(idx_ptr + soff + offs, mask=inb, other=0).to(tl.int64)
-        return offs
+            src = tl.load(idx_ptr + soff + base + loc, mask=row_in, other=0).to(tl.int64) - base
+        else:
+            src = loc
+        return base, loc, row_in, loc < left, src
+
+    @triton.jit
+    def _stiffness_terms(x, valid, e_raw, FMTS: tl.constexpr, F: tl.constexpr):
+        """One format's stiffness terms of a tile, summed over each row: ``[n_below, sum_ratio, sum_y, sum_yy,
+        sum_xy]`` (``x``: float64 |g|, 0 where not valid; ``e_raw``: exponent field of |w| minus the bias)."""
+        EMIN: tl.constexpr = FMTS[F][0]
+        ECLAMP: tl.constexpr = FMTS[F][1]
+        M: tl.constexpr = FMTS[F][2]
+        e = tl.minimum(tl.maximum(e_raw, EMIN), ECLAMP)
+        y = tl.where(valid, _pow2_f64(e - M), 0.0)  # the stiffness S, 0 where not valid
+        ratio = x * _pow2_f64(M - e)  # |g| / S exactly
+        below = tl.sum((valid & (ratio < 1.0)).to(tl.int32), axis=1)
+        return below, tl.sum(ratio, axis=1), tl.sum(y, axis=1), tl.sum(y * y, axis=1), tl.sum(x * y, axis=1)
+
+    @triton.jit
+    def _grid_terms(a, w_fin, FMTS: tl.constexpr, F: tl.constexpr):
+        """One format's grid-alignment terms of a tile (``a`` = |w|), summed over each row: ``[n_on_grid,
+        n_overflow, n_underflow, sum_err, sum_err_sq]`` and the row maximum of the error."""
+        FMAX: tl.constexpr = FMTS[F][4]
+        q, _ = _round_index(a, FMTS, F)
+        err = tl.where(w_fin, tl.abs(a - q), 0.0)  # |w - copysign(q, w)| in float32, as the reference forms it
+        err64 = err.to(tl.float64)
+        on = tl.sum((w_fin & (err == 0.0)).to(tl.int32), axis=1)
+        over = tl.sum((w_fin & (a > FMAX)).to(tl.int32), axis=1)
+        under = tl.sum((w_fin & (q == 0.0) & (a != 0.0)).to(tl.int32), axis=1)
+        return on, over, under, tl.sum(err64, axis=1), tl.sum(err64 * err64, axis=1), tl.max(err, axis=1)
+
+    @triton.jit
+    def _flip_terms(b, w, ab, aw, valid, updated, delta, FMTS: tl.constexpr, F: tl.constexpr):
+        """One format's flip terms of a tile, summed over each row: ``[n_flip, n_stall, sum_steps (int64),
+        sum_sr_move, sum_nearest_sq, sum_sr_sq]`` (``delta``: float64 w - b where updated, else 0)."""
+        EMIN: tl.constexpr = FMTS[F][0]
+        M: tl.constexpr = FMTS[F][2]
+        FMAX: tl.constexpr = FMTS[F][4]
+        IMAX: tl.constexpr = FMTS[F][5]
+        qb, ib = _round_index(ab, FMTS, F)
+        qw, iw = _round_index(aw, FMTS, F)
+        if IMAX < 2**26:  # signed index differences, and VEC of them, fit int32
+            steps = tl.where(valid, tl.abs(tl.where(w < 0, -iw, iw) - tl.where(b < 0, -ib, ib)), 0)
+            sum_steps = tl.sum(steps, axis=1).to(tl.int64)
+        else:
+            iw64 = iw.to(tl.int64)
+            ib64 = ib.to(tl.int64)
+            steps = tl.where(valid, tl.abs(tl.where(w < 0, -iw64, iw64) - tl.where(b < 0, -ib64, ib64)), 0)
+            sum_steps = tl.sum(steps, axis=1)
+        flip = tl.sum((steps != 0).to(tl.int32), axis=1)
+        stall = tl.sum((updated & (steps == 0)).to(tl.int32), axis=1)
+        # Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b; every term
+        # below is 0 where the element was not updated (delta 0, q(w') = q(b)) or is not valid.
+        vb = tl.where(valid, tl.where(b < 0, -qb, qb), 0.0).to(tl.float64)
+        vw = tl.where(valid, tl.where(w < 0, -qw, qw), 0.0).to(tl.float64)
+        qbits = qb.to(tl.int32, bitcast=True)
+        eb = tl.maximum((qbits >> 23) - 127, EMIN)
+        toward = (qb != 0.0) & ((delta < 0) != (b < 0))
+        half = toward & (eb > EMIN) & ((qbits & 0x7FFFFF) == 0)  # a power of two, moving toward zero
+        inv_gap = _pow2_f64(tl.where(half, M + 1 - eb, M - eb))
+        p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(delta) * inv_gap, 1.0))
+        e_sr = tl.minimum(tl.maximum(vb + delta, -FMAX), FMAX) - vb
+        m_near = vw - vb
+        sr_move = tl.sum(p_move, axis=1)
+        return flip, stall, sum_steps, sr_move, tl.sum(m_near * m_near, axis=1), tl.sum(e_sr * e_sr, axis=1)
 
     @triton.jit
     def _before_kernel(
         w_tab, g_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, gscale_ptr, idx_ptr,
         N_COLS: tl.constexpr, WRITE_SNAP: tl.constexpr, HAS_GSCALE: tl.constexpr, SAMPLED: tl.constexpr,
-        DO_STIFF: tl.constexpr, DO_GRID: tl.constexpr,
-        EMIN: tl.constexpr, ECLAMP: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr,
-        GRID_C0: tl.constexpr,
-        CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+        DO_STIFF: tl.constexpr, DO_GRID: tl.constexpr, FMTS: tl.constexpr, NF: tl.constexpr, NFP: tl.constexpr,
+        CHUNK_: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
+        """Stiffness and grid sums of up to NFP formats in one read of ``w`` and ``g`` (and the snapshot write).
+
+        Per element, each sum's terms are first added over the VEC elements a thread holds (no shuffles), then
+        into one accumulator per thread and row: format-independent sums in ``[ROWS]`` vectors, each format's in
+        column ``f`` of a ``[ROWS, NFP]`` accumulator. Counts in int32, sums in float64 like the reference.
+        """
         pid = tl.program_id(0)
         t, start, n, w_ptr, soff = _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_)
         g_ptr = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(tl.float32)), 16)
         if HAS_GSCALE:
             gscale = tl.load(gscale_ptr)
-        # Per-lane accumulators, reduced once at the end: counts in int32 (a chunk is far below 2**31), sums in
-        # float64 like the reference.
-        izero = tl.zeros((BLOCK,), tl.int32)
-        fzero = tl.zeros((BLOCK,), tl.float64)
-        s_valid = izero
-        s_zero = izero
-        s_below = izero
-        s_ratio = fzero
-        s_x = fzero
-        s_y = fzero
-        s_xx = fzero
-        s_yy = fzero
-        s_xy = fzero
-        r_valid = izero
-        r_on = izero
-        r_over = izero
-        r_under = izero
-        r_err = fzero
-        r_err2 = fzero
-        r_max = fzero
-        for i in tl.range(0, CHUNK_, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            inb = offs < n
-            src = _source(offs, inb, idx_ptr, soff, SAMPLED)
-            w = tl.load(w_ptr + src, mask=inb, other=0.0)
+        col = tl.arange(0, NFP)[None, :]
+        zi = tl.zeros((ROWS,), tl.int32)
+        zf = tl.zeros((ROWS,), tl.float64)
+        zi2 = tl.zeros((ROWS, NFP), tl.int32)
+        zf2 = tl.zeros((ROWS, NFP), tl.float64)
+        s_valid = zi
+        s_zero = zi
+        s_x = zf
+        s_xx = zf
+        r_valid = zi
+        s_below = zi2
+        s_ratio = zf2
+        s_y = zf2
+        s_yy = zf2
+        s_xy = zf2
+        r_on = zi2
+        r_over = zi2
+        r_under = zi2
+        r_err = zf2
+        r_err2 = zf2
+        r_max = tl.zeros((ROWS, NFP), tl.float32)
+        for i in tl.range(0, CHUNK_, ROWS * VEC, num_stages=STAGES):
+            base, loc, row_in, inb, src = _tile(start, i, n, soff, idx_ptr, ROWS, VEC, SAMPLED)
+            w = tl.load(w_ptr + base + src, mask=row_in, other=0.0)
             if WRITE_SNAP:
-                tl.store(snap_ptr + soff + offs, w, mask=inb)
+                tl.store(snap_ptr + soff + base + loc, w, mask=row_in)
             a = tl.abs(w)
+            e_raw = (a.to(tl.int32, bitcast=True) >> 23) - 127
             w_fin = (a < float("inf")) & inb  # false for NaN and ±inf
             if DO_STIFF:
-                g = tl.load(g_ptr + src, mask=inb, other=0.0)
+                g = tl.load(g_ptr + base + src, mask=row_in, other=0.0)
                 if HAS_GSCALE:
                     g = g / gscale
-                x32 = tl.abs(g)
-                ok = w_fin & (x32 < float("inf"))
-                zero = ok & (a == 0.0)
+                xa = tl.abs(g)
+                ok = w_fin & (xa < float("inf"))
                 valid = ok & (a != 0.0)
-                e = tl.minimum(tl.maximum(_floor_log2_f32(a), EMIN), ECLAMP)
-                s = _pow2_f64(e - M)
-                x = x32.to(tl.float64)
-                xs = tl.where(valid, x, 0.0)
-                ys = tl.where(valid, s, 0.0)
-                s_valid += valid.to(tl.int32)
-                s_zero += zero.to(tl.int32)
-                s_below += (valid & (x < s)).to(tl.int32)
-                s_ratio += xs * _pow2_f64(M - e)  # |g| / S, exact division by a power of two
-                s_x += xs
-                s_y += ys
-                s_xx += xs * xs
-                s_yy += ys * ys
-                s_xy += xs * ys
+                x = tl.where(valid, xa, 0.0).to(tl.float64)
+                s_valid += tl.sum(valid.to(tl.int32), axis=1)
+                s_zero += tl.sum((ok & (a == 0.0)).to(tl.int32), axis=1)
+                s_x += tl.sum(x, axis=1)
+                s_xx += tl.sum(x * x, axis=1)
             if DO_GRID:
-                q = _round_to_grid(a, EMIN, M, P2M, FMAX)
-                err = tl.abs(a - q)  # |w - copysign(q, w)|, exactly as the reference forms it in float32
-                err64 = tl.where(w_fin, err.to(tl.float64), 0.0)
-                r_valid += w_fin.to(tl.int32)
-                r_on += (w_fin & (err == 0.0)).to(tl.int32)
-                r_over += (w_fin & (a > FMAX)).to(tl.int32)
-                r_under += (w_fin & (q == 0.0) & (a != 0.0)).to(tl.int32)
-                r_err += err64
-                r_err2 += err64 * err64
-                r_max = tl.maximum(r_max, err64)
+                r_valid += tl.sum(w_fin.to(tl.int32), axis=1)
+            for f in tl.static_range(NF):
+                if DO_STIFF:
+                    below, ratio, y, yy, xy = _stiffness_terms(x, valid, e_raw, FMTS, f)
+                    s_below += _col(below, col, f)
+                    s_ratio += _col(ratio, col, f)
+                    s_y += _col(y, col, f)
+                    s_yy += _col(yy, col, f)
+                    s_xy += _col(xy, col, f)
+                if DO_GRID:
+                    on, over, under, err, err2, err_max = _grid_terms(a, w_fin, FMTS, f)
+                    r_on += _col(on, col, f)
+                    r_over += _col(over, col, f)
+                    r_under += _col(under, col, f)
+                    r_err += _col(err, col, f)
+                    r_err2 += _col(err2, col, f)
+                    r_max = tl.maximum(r_max, _col(err_max, col, f))
         row = part_ptr + pid * N_COLS
+        c = 0
         if DO_STIFF:
             tl.store(row + 0, tl.sum(s_valid).to(tl.float64))
             tl.store(row + 1, tl.sum(s_zero).to(tl.float64))
-            tl.store(row + 2, tl.sum(s_below).to(tl.float64))
-            tl.store(row + 3, tl.sum(s_ratio))
-            tl.store(row + 4, tl.sum(s_x))
-            tl.store(row + 5, tl.sum(s_y))
-            tl.store(row + 6, tl.sum(s_xx))
-            tl.store(row + 7, tl.sum(s_yy))
-            tl.store(row + 8, tl.sum(s_xy))
+            tl.store(row + 2, tl.sum(s_x))
+            tl.store(row + 3, tl.sum(s_xx))
+            c += 4
         if DO_GRID:
-            row += GRID_C0
-            tl.store(row + 0, tl.sum(r_valid).to(tl.float64))
-            tl.store(row + 1, tl.sum(r_on).to(tl.float64))
-            tl.store(row + 2, tl.sum(r_over).to(tl.float64))
-            tl.store(row + 3, tl.sum(r_under).to(tl.float64))
-            tl.store(row + 4, tl.sum(r_err))
-            tl.store(row + 5, tl.sum(r_err2))
-            tl.store(row + 6, tl.max(r_max))
+            tl.store(row + c, tl.sum(r_valid).to(tl.float64))
+            c += 1
+        width = 5 * DO_STIFF + 6 * DO_GRID
+        fcol = row + c + tl.arange(0, NFP) * width
+        fmask = tl.arange(0, NFP) < NF
+        if DO_STIFF:
+            tl.store(fcol + 0, tl.sum(s_below, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 1, tl.sum(s_ratio, axis=0), mask=fmask)
+            tl.store(fcol + 2, tl.sum(s_y, axis=0), mask=fmask)
+            tl.store(fcol + 3, tl.sum(s_yy, axis=0), mask=fmask)
+            tl.store(fcol + 4, tl.sum(s_xy, axis=0), mask=fmask)
+            fcol += 5
+        if DO_GRID:
+            tl.store(fcol + 0, tl.sum(r_on, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 1, tl.sum(r_over, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 2, tl.sum(r_under, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 3, tl.sum(r_err, axis=0), mask=fmask)
+            tl.store(fcol + 4, tl.sum(r_err2, axis=0), mask=fmask)
+            tl.store(fcol + 5, tl.max(r_max, axis=0).to(tl.float64), mask=fmask)
 
     @triton.jit
     def _after_kernel(
         w_tab, snap_off, chunk_t, chunk_start, numel, snap_ptr, part_ptr, hist_ptr, idx_ptr,
         N_COLS: tl.constexpr, DO_ULP: tl.constexpr, DO_FLIPS: tl.constexpr, SAMPLED: tl.constexpr,
-        EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr, FMAX: tl.constexpr, FLIP_C0: tl.constexpr,
-        CHUNK_: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST: tl.constexpr,
-        WINDOW: tl.constexpr,
+        FMTS: tl.constexpr, NF: tl.constexpr, NFP: tl.constexpr,
+        CHUNK_: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr, HIST_BINS: tl.constexpr, HIST: tl.constexpr,
+        WINDOW: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
+        """ULP sums and the fine ULP histogram (storage dtype: once), and the flip sums of up to NFP formats, in
+        one read of the snapshot and ``w'``; accumulators as in ``_before_kernel``."""
         pid = tl.program_id(0)
         t, start, n, w_ptr, soff = _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_)
-        izero = tl.zeros((BLOCK,), tl.int32)
-        lzero = tl.zeros((BLOCK,), tl.int64)
-        u_valid = izero
-        u_zero = izero
-        u_sum = lzero
-        u_max = lzero
-        f_upd = izero
-        f_flip = izero
-        f_stall = izero
-        f_steps = lzero
-        fzero = tl.zeros((BLOCK,), tl.float64)
-        f_move = fzero
-        f_dd = fzero
-        f_near = fzero
-        f_sr = fzero
+        col = tl.arange(0, NFP)[None, :]
+        zi = tl.zeros((ROWS,), tl.int32)
+        zf = tl.zeros((ROWS,), tl.float64)
+        zi2 = tl.zeros((ROWS, NFP), tl.int32)
+        zf2 = tl.zeros((ROWS, NFP), tl.float64)
+        u_valid = zi
+        u_zero = zi
+        u_sum = tl.zeros((ROWS,), tl.int64)
+        u_max = tl.zeros((ROWS,), tl.uint32)
+        f_upd = zi
+        f_dd = zf
+        f_flip = zi2
+        f_stall = zi2
+        f_steps = tl.zeros((ROWS, NFP), tl.int64)
+        f_move = zf2
+        f_near = zf2
+        f_sr = zf2
         hist = tl.zeros((WINDOW,), tl.int32)
         lo = 1
         if DO_ULP and HIST:
             # A histogram costs in proportion to its bins, so each program counts a window of WINDOW fine buckets
-            # (WINDOW / 16 octaves) in registers, centred on the busiest octave of its first block; distances of
+            # (WINDOW / 16 octaves) in registers, centred on the busiest octave of its first tile; distances of
             # one parameter's chunk rarely spread further.
-            offs = start + tl.arange(0, BLOCK)
-            inb = offs < n
-            b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
-            w = tl.load(w_ptr + _source(offs, inb, idx_ptr, soff, SAMPLED), mask=inb, other=0.0)
-            valid = inb & (tl.abs(b) < float("inf")) & (tl.abs(w) < float("inf"))
-            d, bucket = _ulp_bucket(b, w, valid)
-            octaves = tl.histogram((bucket - 1) >> 4, 64, mask=d != 0)
-            busiest = tl.argmax(octaves, 0)
-            lo = tl.maximum(1 + 16 * (busiest - WINDOW // 32), 1)
-        for i in tl.range(0, CHUNK_, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            inb = offs < n
-            b = tl.load(snap_ptr + soff + offs, mask=inb, other=0.0)
-            w = tl.load(w_ptr + _source(offs, inb, idx_ptr, soff, SAMPLED), mask=inb, other=0.0)
+            base, loc, row_in, inb, src = _tile(start, 0, n, soff, idx_ptr, ROWS, VEC, SAMPLED)
+            b = tl.load(snap_ptr + soff + base + loc, mask=row_in, other=0.0)
+            w = tl.load(w_ptr + base + src, mask=row_in, other=0.0)
+            d = _ulp_distance(b, w, inb & (tl.abs(b) < float("inf")) & (tl.abs(w) < float("inf")))
+            moved = d != 0
+            octave = (_fine_bucket(tl.maximum(d, 1)) - 1) >> 4
+            octaves = tl.histogram(tl.reshape(octave, (ROWS * VEC,)), 64, mask=tl.reshape(moved, (ROWS * VEC,)))
+            lo = tl.maximum(1 + 16 * (tl.argmax(octaves, 0) - WINDOW // 32), 1)
+        for i in tl.range(0, CHUNK_, ROWS * VEC, num_stages=STAGES):
+            base, loc, row_in, inb, src = _tile(start, i, n, soff, idx_ptr, ROWS, VEC, SAMPLED)
+            b = tl.load(snap_ptr + soff + base + loc, mask=row_in, other=0.0)
+            w = tl.load(w_ptr + base + src, mask=row_in, other=0.0)
             ab = tl.abs(b)
             aw = tl.abs(w)
             valid = inb & (ab < float("inf")) & (aw < float("inf"))
-            u_valid += valid.to(tl.int32)
+            u_valid += tl.sum(valid.to(tl.int32), axis=1)
             if DO_ULP:
-                d, bucket = _ulp_bucket(b, w, valid)
+                d = _ulp_distance(b, w, valid)
                 moved = d != 0
+                u_zero += tl.sum((valid & ~moved).to(tl.int32), axis=1)
+                u_sum += tl.sum(d.to(tl.int64), axis=1)
+                u_max = tl.maximum(u_max, tl.max(d, axis=1))
                 if HIST:
+                    bucket = _fine_bucket(tl.maximum(d, 1))
                     inwin = moved & (bucket >= lo) & (bucket < lo + WINDOW)
-                    hist += tl.histogram(bucket - lo, WINDOW, mask=inwin)
+                    hist += tl.histogram(
+                        tl.reshape(bucket - lo, (ROWS * VEC,)), WINDOW, mask=tl.reshape(inwin, (ROWS * VEC,))
+                    )
                     # The few moved elements outside the program's window: one atomic each, straight to memory.
                     tl.atomic_add(hist_ptr + bucket, tl.full(bucket.shape, 1, tl.int64), mask=moved & ~inwin)
-                u_zero += (valid & ~moved).to(tl.int32)
-                u_sum += d
-                u_max = tl.maximum(u_max, d)
             if DO_FLIPS:
-                qb = _round_to_grid(ab, EMIN, M, P2M, FMAX)
-                qw = _round_to_grid(aw, EMIN, M, P2M, FMAX)
-                ib = _grid_index(qb, EMIN, M, P2M)
-                iw = _grid_index(qw, EMIN, M, P2M)
-                steps = tl.where(valid, tl.abs(tl.where(w < 0, -iw, iw) - tl.where(b < 0, -ib, ib)), 0)
                 updated = valid & (w != b)
-                f_upd += updated.to(tl.int32)
-                f_flip += (steps != 0).to(tl.int32)
-                f_stall += (updated & (steps == 0)).to(tl.int32)
-                f_steps += steps.to(tl.int64)
-                # Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b.
-                delta = w.to(tl.float64) - b.to(tl.float64)  # exact
-                vb = tl.where(b < 0, -qb, qb).to(tl.float64)
-                eb = tl.maximum(_floor_log2_f32(qb), EMIN)
-                toward = (qb != 0.0) & ((delta < 0) != (b < 0))
-                half = toward & (eb > EMIN) & (qb == _pow2_f32(eb))  # a power of two, moving toward zero
-                inv_gap = tl.where(half, _pow2_f64(M + 1 - eb), _pow2_f64(M - eb))
-                p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(delta) * inv_gap, 1.0))
-                e_sr = tl.minimum(tl.maximum(vb + delta, -FMAX), FMAX) - vb
-                m_near = tl.where(w < 0, -qw, qw).to(tl.float64) - vb
-                f_move += tl.where(updated, p_move, 0.0)
-                f_dd += tl.where(updated, delta * delta, 0.0)
-                f_near += tl.where(updated, m_near * m_near, 0.0)
-                f_sr += tl.where(updated, e_sr * e_sr, 0.0)
+                f_upd += tl.sum(updated.to(tl.int32), axis=1)
+                delta = tl.where(updated, w.to(tl.float64) - b.to(tl.float64), 0.0)  # exact
+                f_dd += tl.sum(delta * delta, axis=1)
+                for f in tl.static_range(NF):
+                    flip, stall, steps, move, near, sr = _flip_terms(b, w, ab, aw, valid, updated, delta, FMTS, f)
+                    f_flip += _col(flip, col, f)
+                    f_stall += _col(stall, col, f)
+                    f_steps += _col(steps, col, f)
+                    f_move += _col(move, col, f)
+                    f_near += _col(near, col, f)
+                    f_sr += _col(sr, col, f)
         row = part_ptr + pid * N_COLS
-        n_valid = tl.sum(u_valid).to(tl.float64)
+        tl.store(row + 0, tl.sum(u_valid).to(tl.float64))
+        c = 1
         if DO_ULP:
-            tl.store(row + 0, n_valid)
             tl.store(row + 1, tl.sum(u_zero).to(tl.float64))
             tl.store(row + 2, tl.sum(u_sum).to(tl.float64))
             tl.store(row + 3, tl.max(u_max).to(tl.float64))
+            c += 3
             if HIST:
                 bins = lo + tl.arange(0, WINDOW)
                 tl.atomic_add(hist_ptr + bins, hist.to(tl.int64), mask=(hist != 0) & (bins < HIST_BINS))
         if DO_FLIPS:
-            row += FLIP_C0
-            tl.store(row + 0, n_valid)
-            tl.store(row + 1, tl.sum(f_upd).to(tl.float64))
-            tl.store(row + 2, tl.sum(f_flip).to(tl.float64))
-            tl.store(row + 3, tl.sum(f_stall).to(tl.float64))
-            tl.store(row + 4, tl.sum(f_steps).to(tl.float64))
-            tl.store(row + 5, tl.sum(f_move))
-            tl.store(row + 6, tl.sum(f_dd))
-            tl.store(row + 7, tl.sum(f_near))
-            tl.store(row + 8, tl.sum(f_sr))
+            tl.store(row + c, tl.sum(f_upd).to(tl.float64))
+            tl.store(row + c + 1, tl.sum(f_dd))
+            fcol = row + c + 2 + tl.arange(0, NFP) * 6
+            fmask = tl.arange(0, NFP) < NF
+            tl.store(fcol + 0, tl.sum(f_flip, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 1, tl.sum(f_stall, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 2, tl.sum(f_steps, axis=0).to(tl.float64), mask=fmask)
+            tl.store(fcol + 3, tl.sum(f_move, axis=0), mask=fmask)
+            tl.store(fcol + 4, tl.sum(f_near, axis=0), mask=fmask)
+            tl.store(fcol + 5, tl.sum(f_sr, axis=0), mask=fmask)
 
 
 _QUANTIZE_BLOCK = 1024
@@ -477,9 +627,13 @@ class FusedPass:
         for (offset, n), idx in zip(self._snap_slices, samples or [], strict=False):
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
-        # Running sums since the last drain(): (phase, format name) -> float64 column sums (maxima in max columns).
-        self._acc: dict[tuple[str, str], torch.Tensor] = {}
-        self._acc_max: dict[tuple[str, str], tuple[tuple[int, ...], torch.Tensor | None]] = {}
+        # Formats in launches of at most _MAX_FORMATS[phase], each launch reading its tensors once.
+        self._groups = {
+            phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)]
+            for phase, k in _MAX_FORMATS.items()
+        }
+        # Running sums since the last drain(): (phase, group) -> (columns, float64 column sums, maxima or None).
+        self._acc: dict[tuple[str, int], tuple[list[_Column], torch.Tensor, torch.Tensor | None]] = {}
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
         self._before_steps = 0
@@ -526,25 +680,23 @@ class FusedPass:
             self._g_tab = (g_tab.pin_memory() if device.type == "cuda" else g_tab).to(device, non_blocking=True)
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
-        c0 = len(_STIFF_COLS) * do_stiff
-        n_cols = c0 + len(_GRID_COLS) * do_grid
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
-        for i, fmt in enumerate(self.formats):
-            write_snap = i == 0 and self._keep_snapshot
-            if n_cols == 0 and not write_snap:
+        for gi, group in enumerate(self._groups["before"]):
+            write_snap = gi == 0 and self._keep_snapshot
+            cols = _before_columns(do_stiff, do_grid, len(group))
+            if not cols and not write_snap:
                 break
-            part = torch.empty((self.n_chunks, max(n_cols, 1)), dtype=torch.float64, device=device)
+            part = torch.empty((self.n_chunks, max(len(cols), 1)), dtype=torch.float64, device=device)
             _before_kernel[(self.n_chunks,)](
                 self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
                 self.snapshot, part, gscale, self.indices,
-                N_COLS=max(n_cols, 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
+                N_COLS=max(len(cols), 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
                 HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
-                EMIN=fmt.emin, ECLAMP=max(fmt.emin, fmt.emax), M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits,
-                FMAX=float(fmt.max),
-                GRID_C0=c0, CHUNK_=CHUNK, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+                FMTS=tuple(_format_constants(f) for f in group), NF=len(group), NFP=_pow2_at_least(len(group)),
+                CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, STAGES=_STAGES, num_warps=_NUM_WARPS,
             )  # fmt: skip
-            if n_cols:
-                self._add(("before", fmt.name), part, (n_cols - 1,) if do_grid else (), None)
+            if cols:
+                self._add(("before", gi), cols, part, None)
         self._before_steps += 1
 
     def after(self, taken: torch.Tensor | None = None) -> None:
@@ -552,66 +704,56 @@ class FusedPass:
         (a 0-d bool device tensor) masks a step the optimizer did not take (AMP), without a host synchronisation."""
         device = self.snapshot.device
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        for i, fmt in enumerate(self.formats):
-            ulp_here = do_ulp and i == 0
-            c0 = len(_ULP_COLS) * ulp_here
-            n_cols = c0 + len(_FLIP_COLS) * do_flips
-            if n_cols == 0:
+        for gi, group in enumerate(self._groups["after"]):
+            ulp_here = do_ulp and gi == 0
+            if not (ulp_here or do_flips):
                 break
-            part = torch.empty((self.n_chunks, n_cols), dtype=torch.float64, device=device)
+            cols = _after_columns(ulp_here, do_flips, len(group))
+            part = torch.empty((self.n_chunks, len(cols)), dtype=torch.float64, device=device)
             hist = self._hist if taken is None else torch.zeros_like(self._hist)
             _after_kernel[(self.n_chunks,)](
                 self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
                 part, hist, self.indices,
-                N_COLS=n_cols, DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
-                EMIN=fmt.emin, M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits, FMAX=float(fmt.max), FLIP_C0=c0,
-                CHUNK_=CHUNK, BLOCK=_BLOCK, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
+                N_COLS=len(cols), DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
+                FMTS=tuple(_format_constants(f) for f in group), NF=len(group), NFP=_pow2_at_least(len(group)),
+                CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW, STAGES=_STAGES,
                 num_warps=_NUM_WARPS,
             )  # fmt: skip
             if ulp_here and taken is not None:
                 self._hist += torch.where(taken, hist, 0)
-            self._add(("after", fmt.name), part, (3,) if ulp_here else (), taken)
+            self._add(("after", gi), cols, part, taken)
             if do_flips and self.per_parameter_stalls:
-                rows = part[:, [c0 + _FLIP_COLS.index("n_updated"), c0 + _FLIP_COLS.index("n_stall")]]
-                rows = rows if taken is None else torch.where(taken, rows, 0.0)
-                if fmt.name not in self._stalls:
-                    self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
-                self._stalls[fmt.name].index_add_(0, self._chunk_t, rows)
+                updated = cols.index(("flips", None, "n_updated"))
+                for f, fmt in enumerate(group):
+                    # Single-column views (a list index would upload an index tensor: a host synchronisation).
+                    rows = torch.stack((part[:, updated], part[:, cols.index(("flips", f, "n_stall"))]), 1)
+                    rows = rows if taken is None else torch.where(taken, rows, 0.0)
+                    if fmt.name not in self._stalls:
+                        self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
+                    self._stalls[fmt.name].index_add_(0, self._chunk_t, rows)
         if taken is None:
             self._after_steps += 1
         else:
             t = taken.to(torch.float64)
             self._after_taken = t if self._after_taken is None else self._after_taken + t
 
-    def _add(
-        self, key: tuple[str, str], part: torch.Tensor, max_cols: tuple[int, ...], taken: torch.Tensor | None
-    ) -> None:
+    def _add(self, key: tuple[str, int], cols: list[_Column], part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
-        ``max_cols``: a handful of small operations per kernel, whatever the number of columns."""
+        the max columns: a handful of small operations per kernel, whatever the number of columns."""
+        max_cols = [j for j, c in enumerate(cols) if c[2] in _MAX_COLS]
         total = part.sum(0)
-        top = part[:, list(max_cols)].amax(0) if max_cols else None
+        # Column views, not a list index: that would upload an index tensor, a host synchronisation per step.
+        top = torch.stack([part[:, j] for j in max_cols], 1).amax(0) if max_cols else None
         if taken is not None:  # an untaken step adds 0: neutral for sums and for the non-negative maxima
             total = torch.where(taken, total, 0.0)
             top = None if top is None else torch.where(taken, top, 0.0)
         if key not in self._acc:
-            self._acc[key], self._acc_max[key] = total, (max_cols, top)
+            self._acc[key] = (cols, total, top)
             return
-        self._acc[key].add_(total)
-        if top is not None:
-            _, running = self._acc_max[key]
-            assert running is not None
-            torch.maximum(running, top, out=running)
-
-    def _running(self, key: tuple[str, str]) -> torch.Tensor | None:
-        """The running column sums of ``key`` with the running maxima in their columns."""
-        acc = self._acc.get(key)
-        if acc is None:
-            return None
-        cols, top = self._acc_max[key]
-        if top is not None:
-            acc = acc.clone()
-            acc[list(cols)] = top
-        return acc
+        _, running, running_top = self._acc[key]
+        running.add_(total)
+        if top is not None and running_top is not None:
+            torch.maximum(running_top, top, out=running_top)
 
     def drain(self) -> tuple[dict[str, dict[str, Sums]], dict[str, torch.Tensor]]:
         """The sums of the steps since the last drain, ``{family: {format name: sums}}`` (keys and dtypes of the
@@ -619,50 +761,46 @@ class FusedPass:
         format the float64 ``(len(params), 2)`` ``[n_updated, n_stall]`` of each parameter; then starts over."""
         device = self.snapshot.device
         out: dict[str, dict[str, Sums]] = {"stiffness": {}, "grid": {}, "ulp": {}, "flips": {}}
-        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
-        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        n_before = torch.tensor(float(self.n_total * self._before_steps), dtype=torch.float64, device=device)
-        n_after = torch.tensor(float(self.n_total * self._after_steps), dtype=torch.float64, device=device)
+        n_total = {
+            "before": torch.tensor(float(self.n_total * self._before_steps), dtype=torch.float64, device=device),
+            "after": torch.tensor(float(self.n_total * self._after_steps), dtype=torch.float64, device=device),
+        }
         if self._after_taken is not None:
-            n_after = n_after + self.n_total * self._after_taken
-        for i, fmt in enumerate(self.formats):
-            before = self._running(("before", fmt.name))
-            if before is not None:
-                c0 = len(_STIFF_COLS) * do_stiff
-                if do_stiff:
-                    st = self._sums(before[:c0], _STIFF_COLS, n_before)
-                    st["n_nonfinite"] = st["n_total"] - st["n_valid"] - st["n_zero_weight"]
-                    out["stiffness"][fmt.name] = st
-                if do_grid:
-                    grid = self._sums(before[c0:], _GRID_COLS, n_before)
-                    grid["n_nonfinite"] = grid["n_total"] - grid["n_valid"]
-                    grid["n_unrepresentable"] = torch.zeros_like(grid["n_total"])  # signed formats only
-                    # float32 errors stay below 2**129: their squares never overflow, the reference keeps this at 0
-                    grid["sum_err_sq_scaled"] = torch.zeros_like(grid["sum_err"])
-                    out["grid"][fmt.name] = grid
-            after = self._running(("after", fmt.name))
-            if after is not None:
-                c0 = len(_ULP_COLS) * (do_ulp and i == 0)
-                if c0:
-                    ulp = self._sums(after[:c0], _ULP_COLS, n_after)
-                    ulp["hist"] = _fine_hist(self._hist)
-                    ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
-                    out["ulp"][""] = ulp
-                if do_flips:
-                    out["flips"][fmt.name] = self._sums(after[c0:], _FLIP_COLS, n_after)
+            n_total["after"] = n_total["after"] + self.n_total * self._after_taken
+        for (phase, gi), (cols, acc, top) in self._acc.items():
+            if top is not None:
+                acc = acc.clone()
+                for k, j in enumerate(j for j, c in enumerate(cols) if c[2] in _MAX_COLS):
+                    acc[j] = top[k]
+            names = [f.name for f in self._groups[phase][gi]]
+            present = {c[0] for c in cols}
+            for j, (family, f, name) in enumerate(cols):
+                # "after" columns (n_valid) serve ULP and flips alike; ULP sums go under the format name "".
+                for fam in [x for x in ("ulp", "flips") if x in present] if family == "after" else [family]:
+                    for key in [""] if fam == "ulp" else (names if f is None else [names[f]]):
+                        sums = out[fam].setdefault(key, {"n_total": n_total[phase].to(torch.int64)})
+                        sums[name] = acc[j].to(torch.int64) if name.startswith("n_") else acc[j]
+        for st in out["stiffness"].values():
+            st["n_nonfinite"] = st["n_total"] - st["n_valid"] - st["n_zero_weight"]
+        for grid in out["grid"].values():
+            grid["n_nonfinite"] = grid["n_total"] - grid["n_valid"]
+            grid["n_unrepresentable"] = torch.zeros_like(grid["n_total"])  # signed formats only
+            # float32 errors stay below 2**129: their squares never overflow, the reference keeps this at 0
+            grid["sum_err_sq_scaled"] = torch.zeros_like(grid["sum_err"])
+        if "" in out["ulp"]:
+            ulp = out["ulp"][""]
+            ulp["hist"] = _fine_hist(self._hist)
+            ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
         stalls = self._stalls
-        self._acc, self._acc_max, self._stalls = {}, {}, {}
+        self._acc, self._stalls = {}, {}
         self._hist = torch.zeros_like(self._hist)
         self._before_steps = self._after_steps = 0
         self._after_taken = None
         return out, stalls
 
-    def _sums(self, total: torch.Tensor, cols: Sequence[str], n_total: torch.Tensor) -> Sums:
-        """Running column sums as the reference ``_update`` dict: int64 counts, float64 sums."""
-        out: Sums = {"n_total": n_total.to(torch.int64)}
-        for j, name in enumerate(cols):
-            out[name] = total[j].to(torch.int64) if name.startswith("n_") else total[j]
-        return out
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _fine_hist(hist: torch.Tensor) -> torch.Tensor:
