@@ -268,6 +268,14 @@ if HAS_TRITON:
         return t, start, tl.load(numel + t), w_ptr, tl.multiple_of(tl.load(snap_off + t), 64)
 
     @triton.jit
+    def _accumulator_zeros(ROWS: tl.constexpr, NFP: tl.constexpr):
+        """The column index of ``[ROWS, NFP]`` per-format accumulators, and int32/float64 zeros for the shared
+        (``[ROWS]``) and per-format (``[ROWS, NFP]``) accumulators."""
+        zi2 = tl.zeros((ROWS, NFP), tl.int32)
+        zf2 = tl.zeros((ROWS, NFP), tl.float64)
+        return tl.arange(0, NFP)[None, :], tl.zeros((ROWS,), tl.int32), tl.zeros((ROWS,), tl.float64), zi2, zf2
+
+    @triton.jit
     def _tile(start, i, n, soff, idx_ptr, ROWS: tl.constexpr, VEC: tl.constexpr, SAMPLED: tl.constexpr):
         """One iteration's ``[ROWS, VEC]`` tile: its first element, the element offsets in the tile, the row mask
         for loads and stores, the element mask, and the elements' offsets in the parameter from the tile's first
@@ -367,11 +375,7 @@ if HAS_TRITON:
         g_ptr = tl.multiple_of(tl.load(g_tab + t).to(tl.pointer_type(tl.float32)), 16)
         if HAS_GSCALE:
             gscale = tl.load(gscale_ptr)
-        col = tl.arange(0, NFP)[None, :]
-        zi = tl.zeros((ROWS,), tl.int32)
-        zf = tl.zeros((ROWS,), tl.float64)
-        zi2 = tl.zeros((ROWS, NFP), tl.int32)
-        zf2 = tl.zeros((ROWS, NFP), tl.float64)
+        col, zi, zf, zi2, zf2 = _accumulator_zeros(ROWS, NFP)
         s_valid = zi
         s_zero = zi
         s_x = zf
@@ -467,11 +471,7 @@ if HAS_TRITON:
         one read of the snapshot and ``w'``; accumulators as in ``_before_kernel``."""
         pid = tl.program_id(0)
         t, start, n, w_ptr, soff = _program_chunk(pid, chunk_t, chunk_start, numel, w_tab, snap_off, CHUNK_)
-        col = tl.arange(0, NFP)[None, :]
-        zi = tl.zeros((ROWS,), tl.int32)
-        zf = tl.zeros((ROWS,), tl.float64)
-        zi2 = tl.zeros((ROWS, NFP), tl.int32)
-        zf2 = tl.zeros((ROWS, NFP), tl.float64)
+        col, zi, zf, zi2, zf2 = _accumulator_zeros(ROWS, NFP)
         u_valid = zi
         u_zero = zi
         u_sum = tl.zeros((ROWS,), tl.int64)
