@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -67,6 +68,14 @@ _FLIP_SHARED = ("n_updated", "sum_update_sq")
 _FLIP_PER = ("n_flip", "n_stall", "sum_steps", "sum_sr_move", "sum_nearest_sq", "sum_sr_sq")
 _MAX_COLS = ("err_max", "ulp_max")
 _Column = tuple[str, int | None, str]  # (family, format index in the launch or None for all of them, sum name)
+
+
+class _Launch(NamedTuple):
+    """What one kernel launch of a pass needs on every step, fixed when the pass is built."""
+
+    cols: list[_Column]  # its partial-row columns, in kernel order
+    fmts: tuple[tuple[int, int, int, float, float, int, float, float, float], ...]  # _format_constants per format
+    max_cols: list[int]  # the indices of its maximum columns
 
 
 def _before_columns(do_stiff: bool, do_grid: bool, nf: int) -> list[_Column]:
@@ -126,8 +135,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _floor_log2_f32(a):
-        # Exponent field of float32 minus the bias; float32 subnormals give -127, below every supported emin.
-        return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        # Exponent field of non-negative float32 ``a`` minus the bias; float32 subnormals give -127, below every
+        # supported emin, and inf/NaN 128.
+        return (a.to(tl.int32, bitcast=True) >> 23) - 127
 
     @triton.jit
     def _pow2_f32(e):
@@ -250,7 +260,7 @@ if HAS_TRITON:
         """Fine ULP-histogram bucket of uint32 distances ``d >= 1``: ``1 + 16 k + s`` with ``k = floor(log2 d)``
         and ``s`` the four bits below the leading one (exact integers below 32)."""
         f = d.to(tl.float32)  # may round up to the next power of two: corrected below
-        k = (f.to(tl.int32, bitcast=True) >> 23) - 127
+        k = _floor_log2_f32(f)
         k = k - ((d >> k.to(tl.uint32)) == 0).to(tl.int32)
         top = tl.where(k >= 4, d >> tl.maximum(k - 4, 0).to(tl.uint32), d << tl.maximum(4 - k, 0).to(tl.uint32))
         return 16 * k + top.to(tl.int32) - 15
@@ -347,7 +357,7 @@ if HAS_TRITON:
         vb = tl.where(valid, tl.where(b < 0, -qb, qb), 0.0).to(tl.float64)
         vw = tl.where(valid, tl.where(w < 0, -qw, qw), 0.0).to(tl.float64)
         qbits = qb.to(tl.int32, bitcast=True)
-        eb = tl.maximum((qbits >> 23) - 127, EMIN)
+        eb = tl.maximum(_floor_log2_f32(qb), EMIN)
         toward = (qb != 0.0) & ((delta < 0) != (b < 0))
         half = toward & (eb > EMIN) & ((qbits & 0x7FFFFF) == 0)  # a power of two, moving toward zero
         inv_gap = _pow2_f64(tl.where(half, M + 1 - eb, M - eb))
@@ -398,7 +408,7 @@ if HAS_TRITON:
             if WRITE_SNAP:
                 tl.store(snap_ptr + soff + base + loc, w, mask=row_in)
             a = tl.abs(w)
-            e_raw = (a.to(tl.int32, bitcast=True) >> 23) - 127
+            e_raw = _floor_log2_f32(a)
             w_fin = (a < float("inf")) & inb  # false for NaN and ±inf
             if DO_STIFF:
                 g = tl.load(g_ptr + base + src, mask=row_in, other=0.0)
@@ -632,8 +642,28 @@ class FusedPass:
             phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)]
             for phase, k in _MAX_FORMATS.items()
         }
-        # Running sums since the last drain(): (phase, group) -> (columns, float64 column sums, maxima or None).
-        self._acc: dict[tuple[str, int], tuple[list[_Column], torch.Tensor, torch.Tensor | None]] = {}
+        # Each launch's partial-row columns, its formats' constexprs and the indices of its max columns, fixed for
+        # the pass: derived once here, not on every step.
+        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
+        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
+        self._launches = {
+            phase: [
+                _Launch(
+                    cols,
+                    tuple(_format_constants(f) for f in group),
+                    [j for j, c in enumerate(cols) if c[2] in _MAX_COLS],
+                )
+                for gi, group in enumerate(self._groups[phase])
+                for cols in [
+                    _before_columns(do_stiff, do_grid, len(group))
+                    if phase == "before"
+                    else _after_columns(do_ulp and gi == 0, do_flips, len(group))
+                ]
+            ]
+            for phase in self._groups
+        }
+        # Running sums since the last drain(): (phase, group) -> (float64 column sums, maxima or None).
+        self._acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
         self._before_steps = 0
@@ -681,9 +711,9 @@ class FusedPass:
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
-        for gi, group in enumerate(self._groups["before"]):
+        for gi, launch in enumerate(self._launches["before"]):
             write_snap = gi == 0 and self._keep_snapshot
-            cols = _before_columns(do_stiff, do_grid, len(group))
+            cols = launch.cols
             if not cols and not write_snap:
                 break
             part = torch.empty((self.n_chunks, max(len(cols), 1)), dtype=torch.float64, device=device)
@@ -692,11 +722,11 @@ class FusedPass:
                 self.snapshot, part, gscale, self.indices,
                 N_COLS=max(len(cols), 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
                 HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
-                FMTS=tuple(_format_constants(f) for f in group), NF=len(group), NFP=_pow2_at_least(len(group)),
+                FMTS=launch.fmts, NF=len(launch.fmts), NFP=_pow2_at_least(len(launch.fmts)),
                 CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, STAGES=_STAGES, num_warps=_NUM_WARPS,
             )  # fmt: skip
             if cols:
-                self._add(("before", gi), cols, part, None)
+                self._add(("before", gi), launch, part, None)
         self._before_steps += 1
 
     def after(self, taken: torch.Tensor | None = None) -> None:
@@ -704,24 +734,24 @@ class FusedPass:
         (a 0-d bool device tensor) masks a step the optimizer did not take (AMP), without a host synchronisation."""
         device = self.snapshot.device
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        for gi, group in enumerate(self._groups["after"]):
+        for gi, (group, launch) in enumerate(zip(self._groups["after"], self._launches["after"], strict=True)):
             ulp_here = do_ulp and gi == 0
             if not (ulp_here or do_flips):
                 break
-            cols = _after_columns(ulp_here, do_flips, len(group))
+            cols = launch.cols
             part = torch.empty((self.n_chunks, len(cols)), dtype=torch.float64, device=device)
             hist = self._hist if taken is None else torch.zeros_like(self._hist)
             _after_kernel[(self.n_chunks,)](
                 self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
                 part, hist, self.indices,
                 N_COLS=len(cols), DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
-                FMTS=tuple(_format_constants(f) for f in group), NF=len(group), NFP=_pow2_at_least(len(group)),
+                FMTS=launch.fmts, NF=len(group), NFP=_pow2_at_least(len(group)),
                 CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW, STAGES=_STAGES,
                 num_warps=_NUM_WARPS,
             )  # fmt: skip
             if ulp_here and taken is not None:
                 self._hist += torch.where(taken, hist, 0)
-            self._add(("after", gi), cols, part, taken)
+            self._add(("after", gi), launch, part, taken)
             if do_flips and self.per_parameter_stalls:
                 updated = cols.index(("flips", None, "n_updated"))
                 for f, fmt in enumerate(group):
@@ -737,20 +767,19 @@ class FusedPass:
             t = taken.to(torch.float64)
             self._after_taken = t if self._after_taken is None else self._after_taken + t
 
-    def _add(self, key: tuple[str, int], cols: list[_Column], part: torch.Tensor, taken: torch.Tensor | None) -> None:
+    def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
         the max columns: a handful of small operations per kernel, whatever the number of columns."""
-        max_cols = [j for j, c in enumerate(cols) if c[2] in _MAX_COLS]
         total = part.sum(0)
         # Column views, not a list index: that would upload an index tensor, a host synchronisation per step.
-        top = torch.stack([part[:, j] for j in max_cols], 1).amax(0) if max_cols else None
+        top = torch.stack([part[:, j] for j in launch.max_cols], 1).amax(0) if launch.max_cols else None
         if taken is not None:  # an untaken step adds 0: neutral for sums and for the non-negative maxima
             total = torch.where(taken, total, 0.0)
             top = None if top is None else torch.where(taken, top, 0.0)
         if key not in self._acc:
-            self._acc[key] = (cols, total, top)
+            self._acc[key] = (total, top)
             return
-        _, running, running_top = self._acc[key]
+        running, running_top = self._acc[key]
         running.add_(total)
         if top is not None and running_top is not None:
             torch.maximum(running_top, top, out=running_top)
@@ -767,10 +796,11 @@ class FusedPass:
         }
         if self._after_taken is not None:
             n_total["after"] = n_total["after"] + self.n_total * self._after_taken
-        for (phase, gi), (cols, acc, top) in self._acc.items():
+        for (phase, gi), (acc, top) in self._acc.items():
+            cols = self._launches[phase][gi].cols
             if top is not None:
                 acc = acc.clone()
-                for k, j in enumerate(j for j, c in enumerate(cols) if c[2] in _MAX_COLS):
+                for k, j in enumerate(self._launches[phase][gi].max_cols):
                     acc[j] = top[k]
             names = [f.name for f in self._groups[phase][gi]]
             present = {c[0] for c in cols}
