@@ -32,6 +32,7 @@ from callback_helpers import tensorboard_scalars as _tensorboard_scalars
 from lightning.pytorch.loggers import CSVLogger
 
 from altgrad_lightning import QuantizationMonitor
+from altgrad_lightning.functional import _fused_cpu
 
 
 def _reference(step: dict[str, list[np.ndarray]]) -> dict[str, float]:
@@ -56,10 +57,14 @@ def _reference(step: dict[str, list[np.ndarray]]) -> dict[str, float]:
     }
 
 
-def test_logged_values_equal_independent_recomputation_every_step(tmp_path):
-    """CSV and TensorBoard hold, for each of 12 Adam steps, the values a numpy/ml_dtypes recomputation gives."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fast-path", "reference-path"])
+def test_logged_values_equal_independent_recomputation_every_step(tmp_path, fused):
+    """CSV and TensorBoard hold, for each of 12 Adam steps, the values a numpy/ml_dtypes recomputation gives: on the
+    fast path (the compiled C pass on the CPU, where a C compiler is found) and on the reference path."""
     torch.manual_seed(0)
-    _, probe, _ = _fit(tmp_path, QuantizationMonitor(formats=["float8_e4m3fn", "bfloat16"]))
+    monitor = QuantizationMonitor(formats=["float8_e4m3fn", "bfloat16"], fused=fused)
+    _, probe, _ = _fit(tmp_path, monitor)
+    assert monitor._fused_steps == (12 if fused and _fused_cpu.load() is not None else 0)
     rows = _csv_rows(tmp_path)
     assert len(probe.steps) == 12 and len(rows) == 12
     scalars = _tensorboard_scalars(tmp_path)
@@ -141,7 +146,8 @@ def test_windows_without_a_sampled_step_log_nothing(tmp_path):
     assert [row["step"] for row in _csv_rows(tmp_path)] == [0.0, 3.0, 6.0]
 
 
-def test_amp_skipped_step_is_counted_not_logged_as_stall(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fast-path", "reference-path"])
+def test_amp_skipped_step_is_counted_not_logged_as_stall(tmp_path, fused):
     """16-mixed with a GradScaler on CPU: an inf loss makes the scaler skip the step; it is counted, no ULP sample."""
     from lightning.pytorch.plugins import MixedPrecision
 
@@ -151,7 +157,7 @@ def test_amp_skipped_step_is_counted_not_logged_as_stall(tmp_path):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     _, probe, _ = _fit(
         tmp_path,
-        QuantizationMonitor(formats="e4m3"),
+        QuantizationMonitor(formats="e4m3", fused=fused),
         model=model,
         max_steps=5,
         plugins=[plugin],

@@ -2,14 +2,16 @@
 
 The reference is the package's own per-parameter ``_update`` functions (themselves proven against ml_dtypes,
 torch casts, gfloat and numpy in the other test files), merged over parameters as the Metrics merge them: the fast
-path is a second implementation of the same sums, and this test is what keeps the two from drifting. It runs on
-CUDA with Triton, and on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
-imported) where Triton is installed; otherwise it is skipped with the reason.
+path is a second implementation of the same sums, and this test is what keeps the two from drifting. Each test
+runs every backend: the C backend on the CPU (built with the system C compiler; skipped only where none is found),
+and Triton on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
+imported) where Triton is installed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,17 +19,34 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="the fast path needs Triton (CUDA builds of torch ship it)")
-
 from altgrad_lightning import get_format  # noqa: E402
-from altgrad_lightning.functional._fused import FusedPass, fused_format_supported  # noqa: E402
+from altgrad_lightning.functional import _fused_cpu  # noqa: E402
+from altgrad_lightning.functional._fused import HAS_TRITON, FusedPass, fused_format_supported  # noqa: E402
 from altgrad_lightning.functional._reduce import merge  # noqa: E402
 from altgrad_lightning.functional.flips import _flip_update  # noqa: E402
 from altgrad_lightning.functional.grid import _grid_alignment_update  # noqa: E402
 from altgrad_lightning.functional.stiffness import _gradient_stiffness_update  # noqa: E402
 from altgrad_lightning.functional.ulp import _ulp_update  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
+BACKENDS = [
+    pytest.param("c", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")),
+    pytest.param("triton", marks=needs_triton),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """``(backend, device)``: every test below runs the C backend on the CPU and Triton on its device."""
+    if request.param == "c":
+        # A compiler is here: the backend must build (a failure to build is a failure, not a skip).
+        assert _fused_cpu.load() is not None, _fused_cpu.unavailable_reason()
+        return "c", "cpu"
+    return "triton", DEVICE
+
+
 # Ten formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
 # 2**emin) and a 29-bit format take the kernels' wide-index branches.
 FORMATS = ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "float8_e4m3fnuz", "float6_e2m3fn",
@@ -45,6 +64,13 @@ def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     w[idx] = special.repeat(4)
     grad = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 0, (n,), generator=g).float())
     grad[torch.randint(0, n, (8,), generator=g)] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0] * 2)
+    # Gradients exactly at the stiffness 2**(floor(log2|w|) - M) of their weight for M in {2, 3, 7, 10}: the
+    # boundary of grad_below_stiffness (|g| < S counts, |g| = S does not).
+    at = torch.randint(0, n, (min(n, 64),), generator=g)
+    exponent = torch.frexp(w[at])[1] - 1
+    m = torch.tensor([2, 3, 7, 10]).repeat(len(at))[: len(at)]
+    tie = torch.where(torch.isfinite(w[at]) & (w[at] != 0), torch.exp2((exponent - m).float()), grad[at])
+    grad[at] = tie * torch.where(torch.rand(len(at), generator=g) < 0.5, -1.0, 1.0)
     step = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, -2, (n,), generator=g).float())
     step[torch.rand(n, generator=g) < 0.3] = 0.0
     after = w - step
@@ -83,16 +109,17 @@ def _assert_sums_equal(fast, ref, where):
 
 
 @pytest.mark.parametrize("diagnostics", [("stiffness", "grid", "ulp", "flips"), ("ulp",), ("grid", "flips")])
-def test_fused_pass_equals_reference_sums(diagnostics):
+def test_fused_pass_equals_reference_sums(diagnostics, backend):
+    kind, dev = backend
     fmts = [get_format(f) for f in FORMATS]
     assert all(fused_format_supported(f) for f in fmts)
     sizes = [1, 7, 1500, 9000, 20000]  # below, inside and across chunk and block boundaries
     data = [_adversarial(n, seed) for seed, n in enumerate(sizes)]
-    ws = [d[0].to(DEVICE) for d in data]
-    gs = [d[1].to(DEVICE) for d in data]
-    afters = [d[2].to(DEVICE) for d in data]
+    ws = [d[0].to(dev) for d in data]
+    gs = [d[1].to(dev) for d in data]
+    afters = [d[2].to(dev) for d in data]
     params = [w.clone() for w in ws]
-    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True)
+    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, backend=kind)
     fused.before(gs, None)
     for p, a in zip(params, afters, strict=True):  # the optimizer step, in place as optimizers do
         p.copy_(a)
@@ -115,22 +142,23 @@ def test_fused_pass_equals_reference_sums(diagnostics):
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
 
 
-def test_fused_pass_accumulates_steps_until_drained():
+def test_fused_pass_accumulates_steps_until_drained(backend):
     """Three steps, the second one not taken (``taken`` False, as a GradScaler's skipped step): the drained sums are
     the merged reference sums of the two taken steps for ULP and flips, of all three for stiffness and grid (read
     before the optimizer decides), maxima included; a second drain starts from zero."""
     fmts = [get_format("float8_e4m3fn")]
     diagnostics = ("stiffness", "grid", "ulp", "flips")
     steps = [_adversarial(3000, seed) for seed in (20, 21, 22)]
-    param = steps[0][0].clone().to(DEVICE)
-    fused = FusedPass([param], fmts, diagnostics, per_parameter_stalls=True)
+    kind, dev = backend
+    param = steps[0][0].clone().to(dev)
+    fused = FusedPass([param], fmts, diagnostics, per_parameter_stalls=True, backend=kind)
     ref: dict = {}
     for i, (w, g, a) in enumerate(steps):
-        param.copy_(w.to(DEVICE))
-        fused.before([g.to(DEVICE)], None)
-        param.copy_(a.to(DEVICE))
+        param.copy_(w.to(dev))
+        fused.before([g.to(dev)], None)
+        param.copy_(a.to(dev))
         taken = i != 1
-        fused.after(torch.tensor(taken, device=DEVICE))
+        fused.after(torch.tensor(taken, device=dev))
         one = _reference([w], [g], [a], fmts, diagnostics)
         for family, by_fmt in one.items():
             if family in ("ulp", "flips") and not taken:
@@ -148,7 +176,7 @@ def test_fused_pass_accumulates_steps_until_drained():
     assert all(not by_fmt for by_fmt in again.values())
 
 
-def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements():
+def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(backend):
     """With ``samples`` the kernels gather the sampled elements (and snapshot only them): the sums equal the
     reference sums of those elements, gathered by torch indexing; an empty sample contributes nothing."""
     fmts = [get_format(f) for f in ("float8_e4m3fn", "bfloat16")]
@@ -158,12 +186,14 @@ def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(
     g = torch.Generator().manual_seed(5)
     samples = [(torch.rand(n, generator=g) < 0.3).nonzero().flatten().to(torch.int32) for n in sizes]
     samples[3] = samples[3][:0]  # a parameter with no sampled element
-    params = [d[0].clone().to(DEVICE) for d in data]  # stepped in place below
-    gs = [d[1].to(DEVICE) for d in data]
-    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, samples=[i.to(DEVICE) for i in samples])
+    kind, dev = backend
+    params = [d[0].clone().to(dev) for d in data]  # stepped in place below
+    gs = [d[1].to(dev) for d in data]
+    samples_on = [i.to(dev) for i in samples]
+    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, samples=samples_on, backend=kind)
     fused.before(gs, None)
     for p, d in zip(params, data, strict=True):
-        p.copy_(d[2].to(DEVICE))
+        p.copy_(d[2].to(dev))
     fused.after()
     pick = [[d[k][i.long()] for d, i in zip(data, samples, strict=True)] for k in range(3)]
     ref = _reference(*pick, fmts, diagnostics)
@@ -177,16 +207,18 @@ def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(
         assert torch.equal(fused.sample_of(i).cpu(), samples[i])
 
 
-def test_fused_pass_divides_unapplied_grad_scale():
+def test_fused_pass_divides_unapplied_grad_scale(backend):
+    kind, dev = backend
     fmt = get_format("float8_e5m2")
     w, g, _ = _adversarial(3000, 11)
     scale = torch.tensor(1024.0)
-    fused = FusedPass([w.to(DEVICE)], [fmt], ("stiffness",))
-    fused.before([(g * scale).to(DEVICE)], scale.to(DEVICE))
+    fused = FusedPass([w.to(dev)], [fmt], ("stiffness",), backend=kind)
+    fused.before([(g * scale).to(dev)], scale.to(dev))
     got = fused.drain()[0]["stiffness"][fmt.name]
     _assert_sums_equal(got, _gradient_stiffness_update(w, g, fmt), "stiffness with grad scale")
 
 
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA notion")
 def test_fused_steps_never_synchronise_the_host():
     """A step of the fast path (``before``, ``after`` with and without ``taken``, per-parameter stalls, three
@@ -221,10 +253,19 @@ def test_unsupported_formats_are_declared():
         assert not fused_format_supported(get_format(name))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the callback takes the fast path on CUDA only")
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precision):
-    """A real Trainer on the GPU: the fused path is taken and every logged value equals numpy/ml_dtypes."""
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
+ACCELERATORS = [pytest.param("cpu", marks=needs_cc), pytest.param("gpu", marks=[needs_cuda, needs_triton])]
+
+
+@pytest.mark.parametrize(
+    "accelerator, precision",
+    [pytest.param("cpu", p, marks=needs_cc) for p in ("32-true", "bf16-mixed")]
+    + [pytest.param("gpu", p, marks=[needs_cuda, needs_triton]) for p in ("32-true", "bf16-mixed", "16-mixed")],
+)
+def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, accelerator, precision):
+    """A real Trainer on the CPU (C backend) and on the GPU (Triton): the fused path is taken and every logged
+    value equals numpy/ml_dtypes."""
     from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference, round_to, ulp_histogram_ref
 
     from altgrad_lightning import QuantizationMonitor
@@ -241,7 +282,7 @@ def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precisi
 
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=10**6)
         kwargs = {"plugins": [MixedPrecision("16-mixed", "cuda", scaler=scaler)]}
-    _, probe, _ = fit(tmp_path, monitor, model=model, accelerator="gpu", **kwargs)
+    _, probe, _ = fit(tmp_path, monitor, model=model, accelerator=accelerator, **kwargs)
     assert monitor._fused_steps == 12, "the fast path was not taken at every step"
     assert not monitor._fused_passes, "the snapshots outlive fit"
     rows = csv_rows(tmp_path)
@@ -261,10 +302,10 @@ def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, precisi
             assert row[f"altgrad/{name}/stall_alert"] == float(above), (i, name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the callback takes the fast path on CUDA only")
-def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(tmp_path):
-    """sample_fraction on the GPU: the fused kernels gather the subset, and every logged value is the numpy
-    recomputation on the subset's elements."""
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(tmp_path, accelerator):
+    """sample_fraction: the fused kernels gather the subset, and every logged value is the numpy recomputation on
+    the subset's elements."""
     from callback_helpers import assert_matches, csv_rows, fit, reference
     from test_sampling import _picks, _subset
 
@@ -273,7 +314,7 @@ def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(t
     torch.manual_seed(0)
     formats = ("float8_e4m3fn", "bfloat16")
     monitor = QuantizationMonitor(formats=list(formats), sample_fraction=0.4)
-    _, probe, _ = fit(tmp_path, monitor, accelerator="gpu", max_steps=6)
+    _, probe, _ = fit(tmp_path, monitor, accelerator=accelerator, max_steps=6)
     assert monitor._fused_steps == 6
     picks = _picks(monitor)  # the indices the kernels gathered (views of the pass's buffer)
     rows = csv_rows(tmp_path)
@@ -282,6 +323,7 @@ def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(t
         assert_matches(row, reference([_subset(step, picks)], formats=formats), what=row["step"])
 
 
+@needs_triton
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("sat", [True, False], ids=["sat", "nosat"])
 @pytest.mark.parametrize("name", FORMATS + ["float8_e5m2fnuz", "float6_e3m2fn", "float32"])
@@ -301,3 +343,31 @@ def test_triton_quantize_equals_the_reference_arithmetic(name, sat, in_dtype):
     same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))
     bad = (~same).nonzero().flatten()[:5].tolist()
     assert not bad, [(x[i].item(), got[i].item(), want[i].item()) for i in bad]
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"], ids=["no-compiler", "compiler-fails"])
+def test_without_a_working_c_compiler_the_monitor_warns_and_takes_the_reference_path(tmp_path, monkeypatch, cc):
+    """No C compiler, or one that fails: the CPU backend is unavailable with the reason, the monitor says so once
+    and trains on the reference path, whose logged values still equal numpy/ml_dtypes."""
+    from callback_helpers import assert_matches, csv_rows, fit, reference
+
+    from altgrad_lightning import QuantizationMonitor
+
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_lib", None)
+    monkeypatch.setattr(_fused_cpu, "_reason", None)
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setenv("ALTGRAD_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    assert _fused_cpu.load() is None
+    assert cc in _fused_cpu.unavailable_reason()
+    with pytest.raises(ValueError, match="backend='c'"):
+        FusedPass([torch.zeros(4)], [get_format("e4m3")], ("ulp",), backend="c")
+    torch.manual_seed(0)
+    monitor = QuantizationMonitor(formats=["float8_e4m3fn"])
+    with pytest.warns(UserWarning, match="CPU fast path is unavailable.*" + cc):
+        _, probe, _ = fit(tmp_path, monitor, max_steps=3)
+    assert monitor._fused_steps == 0
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 3
+    for row, step in zip(rows, probe.steps, strict=True):
+        assert_matches(row, reference([step], formats=("float8_e4m3fn",)), what=row["step"])

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from altgrad_lightning.formats import FloatFormat, FormatLike, get_format
+from altgrad_lightning.functional import _fused_cpu
 from altgrad_lightning.functional._fused import FusedPass, fused_supported
 from altgrad_lightning.functional.flips import _flip_sums_and_masks
 from altgrad_lightning.functional.ulp import ulp_histogram_edges
@@ -107,11 +108,14 @@ class QuantizationMonitor(Callback):
             or ``ModelCheckpoint`` can act on it) and warns once on rank 0 naming the parameters above it (each
             parameter and format is named once per fit). Per-parameter counts cost two numbers per parameter and
             format, not the ``per_parameter`` keys.
-        fused: on CUDA with Triton, compute every diagnostic of every format in two fused kernels per format over
-            all parameters of an optimizer (about 20 bytes of memory traffic per float32 parameter and step)
-            instead of dozens of kernels per parameter. Same numbers (tested equal); applies to contiguous float32
-            weights and gradients without ``per_parameter`` or ``scaling``, and to every preset format but
-            ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path, per optimizer and step.
+        fused: compute every diagnostic of every format in two fused passes over all parameters of an optimizer
+            (about 20 bytes of memory traffic per float32 parameter and step) instead of dozens of tensor
+            operations per parameter: Triton kernels on CUDA, and on the CPU a small C library built once with the
+            system C compiler (``$CC`` or ``cc``; about a second, cached under ``~/.cache/altgrad_lightning``;
+            without a compiler the monitor warns once and takes the reference path). Same numbers (tested equal);
+            applies to contiguous float32 weights and gradients without ``per_parameter`` or ``scaling``, and to
+            every preset format but ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path, per
+            optimizer and step.
         sample_fraction: measure a fixed random subset of the weight elements instead of all of them: each element
             of each selected parameter (of the rank's shard, when sharded) is in it independently with this
             probability, drawn once at the start of fit from ``sample_seed`` (plus the rank when sharded), so the same
@@ -312,6 +316,11 @@ class QuantizationMonitor(Callback):
                     continue
                 if fused_supported(params, self.formats, scaled=self.scaling != "none"):
                     self._fused_passes[key] = self._new_fused_pass(params)
+                elif params and params[0].device.type == "cpu" and _fused_cpu.unavailable_reason() is not None:
+                    rank_zero_warn(
+                        "QuantizationMonitor: the CPU fast path is unavailable, so every step takes the reference "
+                        f"path (several times slower): {_fused_cpu.unavailable_reason()}"
+                    )
         if not selected_names:
             rank_zero_warn(
                 f"QuantizationMonitor: no trainable parameter matches include={self.include} "

@@ -1,14 +1,15 @@
-"""The fast path: every diagnostic of every format in a few Triton kernels over a whole list of parameters.
+"""The fast path: every diagnostic of every format in two passes over a whole list of parameters.
 
 The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
 elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
-on must cost next to nothing, so on CUDA the callback uses two kernels instead:
+on must cost next to nothing, so the callback uses two passes instead, as Triton kernels on CUDA and as compiled C
+on the CPU (``_fused_cpu.c``: the same passes, chunk table and partial rows, line for line the same arithmetic):
 
 - ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
   ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;
 - ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums, the
-  fine ULP histogram and the flip sums (one format per launch: more formats cost more registers than the extra
-  reads of ``after`` cost bandwidth; ``_MAX_FORMATS``).
+  fine ULP histogram and the flip sums (on CUDA one format per launch: more formats cost more registers than the
+  extra reads of ``after`` cost bandwidth; ``_MAX_FORMATS``; the C backend takes up to 8 formats per call).
 
 Each kernel walks all parameters at once through a table of data pointers (no launch per parameter, no
 concatenation copy), so one step touches about 20 bytes per float32 parameter for one format, the floor of
@@ -18,9 +19,9 @@ four elements of its 16-byte loads in registers; one ``sum`` over the rows gives
 adversarial inputs. A step queues its kernels and a few small operations and returns: no host synchronisation.
 
 What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
-weights on one CUDA device, such float32 gradients, no per-tensor scaling, and signed formats with a
-zero, at least one mantissa bit and ``emin >= -126`` whose values are float32 values — every preset but the
-unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
+weights on one CUDA device (with Triton) or on the CPU (with a C compiler), such float32 gradients, no per-tensor
+scaling, and signed formats with a zero, at least one mantissa bit and ``emin >= -126`` whose values are float32
+values — every preset but the unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from altgrad_lightning.formats import FloatFormat
+from altgrad_lightning.functional import _fused_cpu
 from altgrad_lightning.functional._reduce import Sums
 from altgrad_lightning.functional.ulp import _FINE_BINS
 from altgrad_lightning.quantize import compute_dtype
@@ -55,6 +57,8 @@ _STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): bench
 # Formats per launch of each kernel: fusing formats saves re-reading the tensors, but each format's accumulators and
 # temporaries cost registers, and past these counts occupancy falls faster than the bytes saved (NOTES.md).
 _MAX_FORMATS = {"before": 4, "after": 1}
+# The C backend keeps a block's lanes in L1 whatever the formats: one call per phase up to its own limit.
+_MAX_FORMATS_CPU = {"before": 8, "after": 8}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
@@ -122,11 +126,18 @@ def fused_format_supported(fmt: FloatFormat) -> bool:
 
 
 def fused_supported(params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], scaled: bool) -> bool:
-    """Whether :class:`FusedPass` can serve these parameters (gradients are checked per step)."""
-    if not HAS_TRITON or scaled or not params or not all(fused_format_supported(f) for f in formats):
+    """Whether :class:`FusedPass` can serve these parameters (gradients are checked per step): CUDA with Triton, or
+    the CPU once the C backend is built (``_fused_cpu.load``)."""
+    if scaled or not params or not all(fused_format_supported(f) for f in formats):
         return False
     device = params[0].device
-    return device.type == "cuda" and all(
+    if device.type == "cuda":
+        available = HAS_TRITON
+    elif device.type == "cpu":
+        available = _fused_cpu.load() is not None
+    else:
+        return False
+    return available and all(
         p.device == device and p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() % 16 == 0 for p in params
     )
 
@@ -599,6 +610,9 @@ class FusedPass:
     ``[n_updated, n_stall]`` (a segment sum of the programs' rows: chunks never cross parameters). With ``samples``
     (one int32 tensor of element indices per parameter), every diagnostic covers those
     elements only: the kernels gather them, and the snapshot holds just them.
+
+    ``backend`` is ``"triton"`` (the default on CUDA; on CPU tensors only under Triton's interpreter, for tests) or
+    ``"c"`` (the default on the CPU: ``_fused_cpu.c``, the same passes and partial rows in compiled C).
     """
 
     def __init__(
@@ -608,12 +622,23 @@ class FusedPass:
         diagnostics: Sequence[str],
         per_parameter_stalls: bool = False,
         samples: Sequence[torch.Tensor] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.params = list(params)
         self.per_parameter_stalls = per_parameter_stalls
         self.formats = list(formats)
         self.diagnostics = set(diagnostics)
         device = self.params[0].device
+        self.backend = backend or ("c" if device.type == "cpu" else "triton")
+        self._lib = _fused_cpu.load() if self.backend == "c" else None
+        if self.backend == "c":
+            if self._lib is None or device.type != "cpu":
+                raise ValueError(
+                    f"Expected CPU tensors and a built C backend for backend='c', but got device {device} "
+                    f"({_fused_cpu.unavailable_reason() or 'the library is built'})"
+                )
+        elif self.backend != "triton" or not HAS_TRITON:
+            raise ValueError(f"Expected backend 'c' or 'triton' (with Triton installed), but got {backend!r}")
         numels = [p.numel() for p in self.params] if samples is None else [len(i) for i in samples]
         self.n_total = sum(numels)
         counts = [max(1, math.ceil(n / CHUNK)) for n in numels]
@@ -638,9 +663,9 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         # Formats in launches of at most _MAX_FORMATS[phase], each launch reading its tensors once.
+        max_formats = _MAX_FORMATS_CPU if self.backend == "c" else _MAX_FORMATS
         self._groups = {
-            phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)]
-            for phase, k in _MAX_FORMATS.items()
+            phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)] for phase, k in max_formats.items()
         }
         # Each launch's partial-row columns, its formats' constexprs and the indices of its max columns, fixed for
         # the pass: derived once here, not on every step.
@@ -670,7 +695,8 @@ class FusedPass:
         self._after_steps = 0  # steps taken for sure; AMP-masked ones in _after_taken (on the device)
         self._after_taken: torch.Tensor | None = None
         self._g_ptrs: list[int] = []
-        self._g_tab = torch.zeros(0, dtype=torch.int64, device=device)
+        self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
+        self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
@@ -717,14 +743,18 @@ class FusedPass:
             if not cols and not write_snap:
                 break
             part = torch.empty((self.n_chunks, max(len(cols), 1)), dtype=torch.float64, device=device)
-            _before_kernel[(self.n_chunks,)](
-                self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
-                self.snapshot, part, gscale, self.indices,
-                N_COLS=max(len(cols), 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
-                HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
-                FMTS=launch.fmts, NF=len(launch.fmts), NFP=_pow2_at_least(len(launch.fmts)),
-                CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, STAGES=_STAGES, num_warps=_NUM_WARPS,
-            )  # fmt: skip
+            if self.backend == "c":
+                flags = (0, grad_scale is not None, write_snap, self.sampled, do_stiff, do_grid, 0, 0, 0)
+                self._run_c(flags, launch, part, self._hist, gscale)
+            else:
+                _before_kernel[(self.n_chunks,)](
+                    self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
+                    self.snapshot, part, gscale, self.indices,
+                    N_COLS=max(len(cols), 1), WRITE_SNAP=write_snap, SAMPLED=self.sampled,
+                    HAS_GSCALE=grad_scale is not None, DO_STIFF=do_stiff, DO_GRID=do_grid,
+                    FMTS=launch.fmts, NF=len(launch.fmts), NFP=_pow2_at_least(len(launch.fmts)),
+                    CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, STAGES=_STAGES, num_warps=_NUM_WARPS,
+                )  # fmt: skip
             if cols:
                 self._add(("before", gi), launch, part, None)
         self._before_steps += 1
@@ -741,14 +771,17 @@ class FusedPass:
             cols = launch.cols
             part = torch.empty((self.n_chunks, len(cols)), dtype=torch.float64, device=device)
             hist = self._hist if taken is None else torch.zeros_like(self._hist)
-            _after_kernel[(self.n_chunks,)](
-                self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
-                part, hist, self.indices,
-                N_COLS=len(cols), DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
-                FMTS=launch.fmts, NF=len(group), NFP=_pow2_at_least(len(group)),
-                CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW, STAGES=_STAGES,
-                num_warps=_NUM_WARPS,
-            )  # fmt: skip
+            if self.backend == "c":
+                self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
+            else:
+                _after_kernel[(self.n_chunks,)](
+                    self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
+                    part, hist, self.indices,
+                    N_COLS=len(cols), DO_ULP=ulp_here, DO_FLIPS=do_flips, SAMPLED=self.sampled,
+                    FMTS=launch.fmts, NF=len(group), NFP=_pow2_at_least(len(group)),
+                    CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
+                    STAGES=_STAGES, num_warps=_NUM_WARPS,
+                )  # fmt: skip
             if ulp_here and taken is not None:
                 self._hist += torch.where(taken, hist, 0)
             self._add(("after", gi), launch, part, taken)
@@ -766,6 +799,27 @@ class FusedPass:
         else:
             t = taken.to(torch.float64)
             self._after_taken = t if self._after_taken is None else self._after_taken + t
+
+    def _run_c(
+        self, flags: tuple[int | bool, ...], launch: _Launch, part: torch.Tensor, hist: torch.Tensor,
+        gscale: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """One phase through the C backend, on this process's torch thread count: ``flags`` as in
+        ``altgrad_fused_pass`` (after, has_gscale, write_snap, sampled, stiffness, grid, ULP, flips, histogram)."""
+        assert self._lib is not None
+        fmts = self._c_formats.get(launch.fmts)
+        if fmts is None:
+            fmts = self._c_formats[launch.fmts] = torch.tensor(launch.fmts or [[0.0] * 9], dtype=torch.float64)
+        flag_t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        scale = float(gscale) if flags[1] and gscale is not None else 1.0
+        rc = self._lib.altgrad_fused_pass(
+            self._w_tab.data_ptr(), self._g_tab.data_ptr(), self._snap_off.data_ptr(), self._chunk_t.data_ptr(),
+            self._chunk_start.data_ptr(), self._numel.data_ptr(), self.snapshot.data_ptr(), part.data_ptr(),
+            hist.data_ptr(), self.indices.data_ptr(), scale, flag_t.data_ptr(), fmts.data_ptr(), len(launch.fmts),
+            part.shape[1], CHUNK, self.n_chunks, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:  # pragma: no cover - the arguments are checked above
+            raise RuntimeError(f"altgrad_fused_pass refused its arguments (rc {rc})")
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of

@@ -1,0 +1,444 @@
+/* The CPU backend of the fused diagnostic pass (altgrad_lightning/functional/_fused.py).
+ *
+ * The same two passes as the Triton kernels, over the same chunk table, writing the same partial-sum rows (one
+ * row of float64 columns per chunk, in the column order of _before_columns/_after_columns): `_fused.py` builds,
+ * adds and drains them alike for both backends. The element arithmetic is the Triton kernels' line by line
+ * (float32 bit surgery for the grid, float64 for the sums), so the sums equal the reference `_update` functions
+ * (counts exactly, float64 sums up to summation order), which tests/test_fused.py checks for both backends.
+ *
+ * Each chunk is cut into blocks of L elements loaded into small arrays; every per-element loop runs over the L
+ * lanes of a block as GCC/Clang vector types, one machine vector of doubles wide, with lane-wise accumulators
+ * (SIMD code without reassociation flags: the lanes are separate sums). Threads take chunks from an atomic counter; a chunk's row is written
+ * by the one thread that took it, so the result does not depend on the scheduling. The fine ULP histogram is
+ * counted per thread (four interleaved copies, so that equal buckets in a row do not wait on each other) and
+ * added to the shared one with atomic adds at the end.
+ *
+ * Compiled by _fused_cpu.py with the system C compiler; C99 with GCC vector extensions, and OpenMP (the runtime
+ * torch runs on) or else pthreads for threads; no Python or torch headers.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Lanes per block: one machine vector of doubles (GCC splits wider vectors, but turns comparisons of vectors
+ * wider than the machine's into scalar code). */
+#ifndef L
+#if defined(__AVX512F__)
+#define L 8
+#elif defined(__AVX__)
+#define L 4
+#else
+#define L 2
+#endif
+#endif
+#define MAXF 8      /* formats per call */
+#define HIST_BINS 1024
+#define HCOPIES 4
+
+typedef struct {
+    int32_t emin, eclamp, m, imax;
+    float p2m, fmax, s1, s2, below;
+    double fmax64;
+} fmt_t;
+
+typedef struct {
+    const int64_t *w_tab, *g_tab, *snap_off, *chunk_start, *numel;
+    const int32_t *chunk_t, *idx;
+    float *snap;
+    double *part;
+    int64_t *hist;
+    float gscale;
+    int has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist, nf, ncols;
+    int64_t chunk, n_chunks, next;
+    fmt_t f[MAXF];
+} job_t;
+
+/* L lanes of each type (GCC/Clang vector extensions: SIMD on any target, split into the machine's widths).
+ * Comparisons give masks of -1/0 in the signed integer type of the operands' width. */
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint32_t vu __attribute__((vector_size(4 * L)));
+typedef double vd __attribute__((vector_size(8 * L)));
+typedef int64_t vl __attribute__((vector_size(8 * L)));
+#define INLINE static inline __attribute__((always_inline))
+#define CVT(v, t) __builtin_convertvector((v), t)
+
+INLINE vf self(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+INLINE vi seli(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
+INLINE vd seld(vl m, vd a, vd b) { return (vd)(((vl)a & m) | ((vl)b & ~m)); }
+INLINE vl sell(vl m, vl a, vl b) { return (a & m) | (b & ~m); }
+INLINE vl wide(vi m) { return CVT(m, vl); } /* a 32-bit mask as a 64-bit one */
+INLINE vi narrow(vl m) { return CVT(m, vi); }
+/* Broadcasts (one instruction; a scalar operand of a vector operation is broadcast). allf and alld are only given
+ * values other than -0 (0 + -0 is +0). */
+INLINE vf allf(float x) { return (vf){0} + x; }
+INLINE vi alli(int32_t x) { return (vi){0} + x; }
+INLINE vd alld(double x) { return (vd){0} + x; }
+INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
+/* Exponent field of non-negative float32 lanes minus the bias (subnormals -127, inf/NaN 128). */
+INLINE vi floor_log2(vf a) { return (vi)((vu)a >> 23) - 127; }
+INLINE vf pow2_f32(vi e) { return (vf)((vu)(e + 127) << 23); }             /* -126..127 */
+INLINE vd pow2_f64(vi e) { return (vd)(CVT(e + 1023, vl) << 52); }         /* -1022..1023 */
+INLINE vi imax(vi a, vi b) { return seli(a > b, a, b); }
+INLINE vi imin(vi a, vi b) { return seli(a < b, a, b); }
+INLINE vi lanes(void) { vi v; for (int j = 0; j < L; j++) v[j] = j; return v; }
+
+/* Nearest-even, saturating grid value of non-negative float32 lanes `a` in format F, and their order-preserving
+ * grid index (Triton's _round_index, lane for lane; only finite `a` matter, the rest is masked by the callers). */
+INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
+    vu bits = (vu)a;
+    vf q;
+    vi idx;
+    if (F->m < 23) {
+        vi normal = (vi)(bits >= (vu)alli((F->emin + 127) << 23)); /* a >= 2**EMIN: unsigned order of the bits */
+        vf r_normal = (vf)((bits & 0x7FFFFFu) | ((uint32_t)(F->m + 127) << 23));
+        vf r = self(normal, r_normal, (a * F->s1) * F->s2);
+        vf t = r + 8388608.0f; /* 2**23 + n: rounds to the nearest integer, ties to even */
+        vu n = (vu)t - 0x4B000000u;
+        vf q_normal = (vf)((bits & 0x7F800000u) - 0x800000u + (n << (23 - F->m)));
+        q = self(normal, q_normal, (t - 8388608.0f) * F->below);
+        idx = (vi)((((bits >> 23) - (uint32_t)(F->emin + 127)) << F->m) & (vu)normal) + (vi)n;
+    } else { /* float32's own significand width: nothing to round above 2**EMIN */
+        vi e = imax(floor_log2(a), alli(F->emin));
+        vi big = e > 0;
+        vf r = (a * self(big, pow2_f32(1 - e), allf(F->p2m))) * self(big, allf(F->p2m * 0.5f), pow2_f32(-e));
+        q = (r / F->p2m) * pow2_f32(e);
+        vf rs = self((r >= 0.0f) & (r < 2147483648.0f), r, allf(0.0f));
+        idx = (vi)(((vu)(e - F->emin) << F->m) + (vu)CVT(rs, vi));
+    }
+    vi over = idx > F->imax;
+    *index = seli(over, alli(F->imax), idx);
+    return self(over, allf(F->fmax), q);
+}
+
+/* float32 bits to order-preserving int32 lanes (-0 and +0 both 0). */
+INLINE vi ordered(vf x) {
+    vi bits = (vi)x;
+    return seli(bits < 0, -(bits & 0x7FFFFFFF), bits);
+}
+
+/* The elements [base, base + cnt) of a chunk, zero-padded to L lanes (gathered with a sample). */
+INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t base, int cnt) {
+    vf out = allf(0.0f);
+    if (J->sampled) {
+        const int32_t *ix = J->idx + soff + base;
+        for (int j = 0; j < cnt; j++) out[j] = src[ix[j]];
+    } else if (cnt == L) {
+        memcpy(&out, src + base, sizeof out);
+    } else {
+        memcpy(&out, src + base, (size_t)cnt * 4);
+    }
+    return out;
+}
+
+/* One chunk's stiffness and grid sums (and its snapshot), for nf formats: called with a constant nf (see
+ * before_chunk), so that the format loop unrolls and the accumulators stay in registers. */
+INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
+    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
+    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
+    const float *W = (const float *)(intptr_t)J->w_tab[t];
+    const float *G = J->do_stiff ? (const float *)(intptr_t)J->g_tab[t] : 0;
+    const vi lane = lanes();
+    const vd zd = alld(0.0);
+    vi s_valid = alli(0), s_zero = alli(0), r_valid = alli(0);
+    vd s_x = zd, s_xx = zd;
+    vi below[MAXF], on[MAXF], over[MAXF], under[MAXF];
+    vd ratio_s[MAXF], y_s[MAXF], yy_s[MAXF], xy_s[MAXF], err_s[MAXF], err2_s[MAXF];
+    vf err_max[MAXF];
+    for (int f = 0; f < nf; f++) {
+        below[f] = on[f] = over[f] = under[f] = alli(0);
+        ratio_s[f] = y_s[f] = yy_s[f] = xy_s[f] = err_s[f] = err2_s[f] = zd;
+        err_max[f] = allf(0.0f);
+    }
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        vf w = load_block(J, W, soff, base, cnt);
+        if (J->write_snap) memcpy(J->snap + soff + base, &w, (size_t)cnt * 4);
+        vf a = vabs(w);
+        vi e_raw = floor_log2(a);
+        vi wfin = (a < __builtin_inff()) & (lane < cnt); /* false for NaN and inf */
+        vi valid = alli(0);
+        vd x = zd;
+        if (J->do_stiff) {
+            vf g = load_block(J, G, soff, base, cnt);
+            if (J->has_gscale) g = g / J->gscale;
+            vf xa = vabs(g);
+            vi ok = wfin & (xa < __builtin_inff());
+            valid = ok & (a != 0.0f);
+            x = (vd)((vl)CVT(xa, vd) & wide(valid));
+            s_valid -= valid;
+            s_zero -= ok & (a == 0.0f);
+            s_x += x;
+            s_xx += x * x;
+        }
+        if (J->do_grid) r_valid -= wfin;
+        for (int f = 0; f < nf; f++) {
+            const fmt_t *F = &J->f[f];
+            if (J->do_stiff) {
+                vi e = imin(imax(e_raw, alli(F->emin)), alli(F->eclamp));
+                vd y = (vd)((vl)pow2_f64(e - F->m) & wide(valid)); /* the stiffness S, 0 where not valid */
+                vd ratio = x * pow2_f64(F->m - e);                   /* |g| / S exactly */
+                below[f] -= valid & narrow(ratio < 1.0);
+                ratio_s[f] += ratio;
+                y_s[f] += y;
+                yy_s[f] += y * y;
+                xy_s[f] += x * y;
+            }
+            if (J->do_grid) {
+                vi ix;
+                vf q = round_index(a, F, &ix);
+                vf err = (vf)((vi)vabs(a - q) & wfin); /* |w - copysign(q, w)| in float32, 0 where not finite */
+                vd err64 = CVT(err, vd);
+                on[f] -= wfin & (err == 0.0f);
+                over[f] -= wfin & (a > F->fmax);
+                under[f] -= wfin & (q == 0.0f) & (a != 0.0f);
+                err_s[f] += err64;
+                err2_s[f] += err64 * err64;
+                err_max[f] = self(err > err_max[f], err, err_max[f]);
+            }
+        }
+    }
+    double *row = J->part + c * J->ncols;
+    int col = 0;
+    if (J->do_stiff) {
+        double v = 0, z = 0, sx = 0, sxx = 0;
+        for (int j = 0; j < L; j++) { v += s_valid[j]; z += s_zero[j]; sx += s_x[j]; sxx += s_xx[j]; }
+        row[0] = v; row[1] = z; row[2] = sx; row[3] = sxx;
+        col = 4;
+    }
+    if (J->do_grid) {
+        double v = 0;
+        for (int j = 0; j < L; j++) v += r_valid[j];
+        row[col++] = v;
+    }
+    for (int f = 0; f < nf; f++) {
+        if (J->do_stiff) {
+            double b = 0, r = 0, y = 0, yy = 0, xy = 0;
+            for (int j = 0; j < L; j++) {
+                b += below[f][j]; r += ratio_s[f][j]; y += y_s[f][j]; yy += yy_s[f][j]; xy += xy_s[f][j];
+            }
+            row[col] = b; row[col + 1] = r; row[col + 2] = y; row[col + 3] = yy; row[col + 4] = xy;
+            col += 5;
+        }
+        if (J->do_grid) {
+            double o = 0, ov = 0, u = 0, e = 0, e2 = 0;
+            float mx = 0.0f;
+            for (int j = 0; j < L; j++) {
+                o += on[f][j]; ov += over[f][j]; u += under[f][j]; e += err_s[f][j]; e2 += err2_s[f][j];
+                mx = err_max[f][j] > mx ? err_max[f][j] : mx;
+            }
+            row[col] = o; row[col + 1] = ov; row[col + 2] = u; row[col + 3] = e; row[col + 4] = e2;
+            row[col + 5] = (double)mx;
+            col += 6;
+        }
+    }
+}
+
+/* One chunk's ULP sums, histogram and flip sums of nf formats (a constant, as in before_chunk_n). */
+INLINE void after_chunk_n(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS], const int nf) {
+    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
+    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
+    const float *W = (const float *)(intptr_t)J->w_tab[t];
+    const vi lane = lanes();
+    const vd zd = alld(0.0);
+    vi u_valid = alli(0), u_zero = alli(0), f_upd = alli(0);
+    vl u_sum = CVT(alli(0), vl);
+    vu u_max = (vu)alli(0);
+    vd f_dd = zd;
+    vi flip[MAXF], stall[MAXF];
+    vl steps_s[MAXF];
+    vd move_s[MAXF], near_s[MAXF], sr_s[MAXF];
+    for (int f = 0; f < nf; f++) {
+        flip[f] = stall[f] = alli(0);
+        steps_s[f] = CVT(alli(0), vl);
+        move_s[f] = near_s[f] = sr_s[f] = zd;
+    }
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        vf b = allf(0.0f);
+        memcpy(&b, J->snap + soff + base, (size_t)cnt * 4);
+        vf w = load_block(J, W, soff, base, cnt);
+        vf ab = vabs(b), aw = vabs(w);
+        vi valid = (lane < cnt) & (ab < __builtin_inff()) & (aw < __builtin_inff());
+        u_valid -= valid;
+        if (J->do_ulp) {
+            vi kb = ordered(b), kw = ordered(w);
+            vu ub = (vu)kb, uw = (vu)kw;
+            vu d = (vu)(seli(kw >= kb, (vi)(uw - ub), (vi)(ub - uw)) & valid); /* modular differences, exact */
+            vi moved = (vi)(d != 0u);
+            u_zero -= valid & ~moved;
+            u_sum += CVT(d, vl);
+            u_max = (vu)seli((vi)(d > u_max), (vi)d, (vi)u_max);
+            if (J->do_hist) {
+                /* Bucket 1 + 16 k + s of d >= 1: k = floor(log2 d) (from d's float32 exponent, which may round
+                 * up to the next power of two: corrected), s the four bits below the leading one. */
+                vi k = floor_log2(CVT(d, vf));
+                k -= (vi)((d >> (vu)k) == 0u) & 1;
+                vi top = narrow((CVT(d, vl) << 4) >> CVT(k, vl)); /* 16 + s */
+                vi bucket = 16 * k + top - 15;
+                for (int j = 0; j < L; j++)
+                    if (d[j]) hist[j % HCOPIES][bucket[j]]++;
+            }
+        }
+        if (J->do_flips) {
+            vi updated = valid & (w != b);
+            f_upd -= updated;
+            vd delta = (vd)((vl)(CVT(w, vd) - CVT(b, vd)) & wide(updated)); /* exact */
+            f_dd += delta * delta;
+            vi b_neg = b < 0.0f, w_neg = w < 0.0f;
+            vi toward_sign = ((w < b) & updated) != b_neg; /* delta < 0, compared in float32 */
+            vd ad = (vd)((vl)delta & 0x7FFFFFFFFFFFFFFFLL);
+            for (int f = 0; f < nf; f++) {
+                const fmt_t *F = &J->f[f];
+                vi ib, iw;
+                vf qb = round_index(ab, F, &ib);
+                vf qw = round_index(aw, F, &iw);
+                vl diff = CVT(seli(w_neg, -iw, iw), vl) - CVT(seli(b_neg, -ib, ib), vl);
+                vl steps = sell(diff < 0, -diff, diff) & wide(valid);
+                flip[f] -= narrow(steps != 0);
+                stall[f] -= updated & narrow(steps == 0);
+                steps_s[f] += steps;
+                /* Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b. */
+                vd vb = (vd)((vl)CVT(self(b_neg, -qb, qb), vd) & wide(valid));
+                vd vw = (vd)((vl)CVT(self(w_neg, -qw, qw), vd) & wide(valid));
+                vi eb = imax(floor_log2(qb), alli(F->emin));
+                vi toward = (qb != 0.0f) & toward_sign;
+                vi half = toward & (eb > F->emin) & (vi)(((vu)qb & 0x7FFFFFu) == 0u); /* a power of two */
+                vd inv_gap = pow2_f64(seli(half, F->m + 1 - eb, F->m - eb));
+                vd p = ad * inv_gap;
+                p = seld(p < 1.0, p, alld(1.0));
+                vd p_move = (vd)((vl)p & ~wide((qb >= F->fmax) & ~toward));
+                vd s = vb + delta;
+                s = seld(s > -F->fmax64, s, alld(-F->fmax64));
+                s = seld(s < F->fmax64, s, alld(F->fmax64));
+                vd e_sr = s - vb, m_near = vw - vb;
+                move_s[f] += p_move;
+                near_s[f] += m_near * m_near;
+                sr_s[f] += e_sr * e_sr;
+            }
+        }
+    }
+    double *row = J->part + c * J->ncols;
+    double v = 0;
+    for (int j = 0; j < L; j++) v += u_valid[j];
+    row[0] = v;
+    int col = 1;
+    if (J->do_ulp) {
+        double z = 0;
+        uint32_t mx = 0;
+        int64_t si = 0;
+        for (int j = 0; j < L; j++) { z += u_zero[j]; si += u_sum[j]; mx = u_max[j] > mx ? u_max[j] : mx; }
+        row[1] = z; row[2] = (double)si; row[3] = (double)mx;
+        col = 4;
+    }
+    if (J->do_flips) {
+        double u = 0, dd = 0;
+        for (int j = 0; j < L; j++) { u += f_upd[j]; dd += f_dd[j]; }
+        row[col] = u; row[col + 1] = dd;
+        col += 2;
+        for (int f = 0; f < nf; f++) {
+            double fl = 0, st = 0, mv = 0, nr = 0, sr = 0;
+            int64_t sp = 0;
+            for (int j = 0; j < L; j++) {
+                fl += flip[f][j]; st += stall[f][j]; sp += steps_s[f][j];
+                mv += move_s[f][j]; nr += near_s[f][j]; sr += sr_s[f][j];
+            }
+            row[col] = fl; row[col + 1] = st; row[col + 2] = (double)sp;
+            row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr;
+            col += 6;
+        }
+    }
+}
+
+#define DISPATCH(call, nf)                                                                                    \
+    switch (nf) {                                                                                             \
+    case 0: call(0); break; case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;            \
+    case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; case 7: call(7); break;            \
+    default: call(8); break;                                                                                  \
+    }
+
+static void before_chunk(job_t *J, int64_t c) {
+#define BEFORE(k) before_chunk_n(J, c, k)
+    DISPATCH(BEFORE, J->nf)
+}
+
+static void after_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
+#define AFTER(k) after_chunk_n(J, c, hist, k)
+    DISPATCH(AFTER, J->nf)
+}
+
+typedef struct { job_t *job; int after; } worker_arg_t;
+
+static void flush_hist(job_t *J, uint32_t (*hist)[HIST_BINS]) {
+    for (int h = 0; h < HCOPIES; h++)
+        for (int k = 0; k < HIST_BINS; k++)
+            if (hist[h][k]) __atomic_fetch_add(&J->hist[k], (int64_t)hist[h][k], __ATOMIC_RELAXED);
+    memset(hist, 0, sizeof(uint32_t) * HCOPIES * HIST_BINS);
+}
+
+static void *worker(void *arg) {
+    worker_arg_t *A = (worker_arg_t *)arg;
+    job_t *J = A->job;
+    uint32_t hist[HCOPIES][HIST_BINS]; /* 16 KiB of this thread's stack */
+    int count_hist = A->after && J->do_ulp && J->do_hist;
+    if (count_hist) memset(hist, 0, sizeof hist);
+    int64_t since_flush = 0;
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (c >= J->n_chunks) break;
+        if (A->after) {
+            after_chunk(J, c, hist);
+            since_flush += J->chunk;
+        } else {
+            before_chunk(J, c);
+        }
+        if (count_hist && since_flush >= ((int64_t)1 << 30)) { /* a uint32 count cannot have wrapped yet */
+            flush_hist(J, hist);
+            since_flush = 0;
+        }
+    }
+    if (count_hist) flush_hist(J, hist);
+    return 0;
+}
+
+/* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
+ * _format_constants (EMIN, ECLAMP, M, 2**M, max, IMAX, sub-scale 1, sub-scale 2, 2**(EMIN - M)); `flags` is
+ * {after, has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist}. Returns 0, or -1 for
+ * arguments it cannot take (checked by the caller first). */
+int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t *snap_off, const int32_t *chunk_t,
+                       const int64_t *chunk_start, const int64_t *numel, float *snap, double *part, int64_t *hist,
+                       const int32_t *idx, float gscale, const int32_t *flags, const double *fmts, int nf, int ncols,
+                       int64_t chunk, int64_t n_chunks, int threads) {
+    if (nf < 0 || nf > MAXF || threads < 1) return -1;
+    job_t J;
+    memset(&J, 0, sizeof J);
+    J.w_tab = w_tab; J.g_tab = g_tab; J.snap_off = snap_off; J.chunk_t = chunk_t; J.chunk_start = chunk_start;
+    J.numel = numel; J.snap = snap; J.part = part; J.hist = hist; J.idx = idx; J.gscale = gscale;
+    J.has_gscale = flags[1]; J.write_snap = flags[2]; J.sampled = flags[3]; J.do_stiff = flags[4];
+    J.do_grid = flags[5]; J.do_ulp = flags[6]; J.do_flips = flags[7]; J.do_hist = flags[8];
+    J.nf = nf; J.ncols = ncols; J.chunk = chunk; J.n_chunks = n_chunks; J.next = 0;
+    for (int f = 0; f < nf; f++) {
+        const double *r = fmts + 9 * f;
+        fmt_t *F = &J.f[f];
+        F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
+        F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5]; F->s1 = (float)r[6];
+        F->s2 = (float)r[7]; F->below = (float)r[8];
+    }
+    worker_arg_t arg = {&J, flags[0]};
+    if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
+#ifdef ALTGRAD_OPENMP
+    /* The OpenMP runtime torch itself runs on (linked by _fused_cpu.py): its worker threads, which spin for a
+     * while after torch's own parallel regions, take the chunks instead of competing with threads of ours. */
+#pragma omp parallel num_threads(threads)
+    worker(&arg);
+#else
+    int extra = threads - 1 < 64 ? threads - 1 : 64;
+    pthread_t tid[64];
+    int started = 0;
+    for (; started < extra; started++)
+        if (pthread_create(&tid[started], 0, worker, &arg) != 0) break; /* fewer threads: still correct */
+    worker(&arg);
+    for (int i = 0; i < started; i++) pthread_join(tid[i], 0);
+#endif
+    return 0;
+}
