@@ -874,7 +874,7 @@ class FusedPass:
         if "" in out["ulp"]:
             ulp = out["ulp"][""]
             ulp["hist"] = _fine_hist(self._hist)
-            ulp["hist"][0] = ulp["n_zero"]  # the kernel counts moved elements only
+            ulp["hist"][0] = ulp["n_zero"]  # bucket 0 is no count: the kernels count moved elements only
         stalls = self._stalls
         self._acc, self._stalls = {}, {}
         self._hist = torch.zeros_like(self._hist)

@@ -165,7 +165,7 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             vf xa = vabs(g);
             vi ok = wfin & (xa < __builtin_inff());
             valid = ok & (a != 0.0f);
-            x = (vd)((vl)CVT(xa, vd) & wide(valid));
+            x = CVT((vf)((vi)xa & valid), vd); /* masked in float32: one double operation fewer */
             s_valid -= valid;
             s_zero -= ok & (a == 0.0f);
             s_x += x;
@@ -176,9 +176,10 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             const fmt_t *F = &J->f[f];
             if (J->do_stiff) {
                 vi e = imin(imax(e_raw, alli(F->emin)), alli(F->eclamp));
-                vd y = (vd)((vl)pow2_f64(e - F->m) & wide(valid)); /* the stiffness S, 0 where not valid */
-                vd ratio = x * pow2_f64(F->m - e);                   /* |g| / S exactly */
-                below[f] -= valid & narrow(ratio < 1.0);
+                /* The stiffness S = 2**(e - M), 0 where not valid (a zero biased exponent field). */
+                vd y = (vd)(CVT((e + (1023 - F->m)) & valid, vl) << 52);
+                vd ratio = x * pow2_f64(F->m - e); /* |g| / S exactly */
+                below[f] -= narrow(x < y);         /* ratio < 1 (scaling by 2**(M - e) is exact); false where y = 0 */
                 ratio_s[f] += ratio;
                 y_s[f] += y;
                 yy_s[f] += y * y;
@@ -234,16 +235,62 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
     }
 }
 
-/* One chunk's ULP sums, histogram and flip sums of nf formats (a constant, as in before_chunk_n). */
-INLINE void after_chunk_n(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS], const int nf) {
+/* The snapshot and w' of one block, zero-padded, and the mask of its valid lanes (both finite, inside the chunk). */
+INLINE vi after_block(const job_t *J, const float *W, int64_t soff, int64_t base, int cnt, vf *b, vf *w) {
+    *b = allf(0.0f);
+    memcpy(b, J->snap + soff + base, (size_t)cnt * 4);
+    *w = load_block(J, W, soff, base, cnt);
+    return (lanes() < cnt) & (vabs(*b) < __builtin_inff()) & (vabs(*w) < __builtin_inff());
+}
+
+/* One chunk's n_valid and ULP sums, and its fine ULP histogram into `hist`: row[0..3]. */
+INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
     const int64_t end = start + J->chunk < n ? start + J->chunk : n;
     const float *W = (const float *)(intptr_t)J->w_tab[t];
-    const vi lane = lanes();
-    const vd zd = alld(0.0);
-    vi u_valid = alli(0), u_zero = alli(0), f_upd = alli(0);
+    vi u_valid = alli(0), u_zero = alli(0);
     vl u_sum = CVT(alli(0), vl);
     vu u_max = (vu)alli(0);
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        vf b, w;
+        vi valid = after_block(J, W, soff, base, cnt, &b, &w);
+        u_valid -= valid;
+        vi kb = ordered(b), kw = ordered(w);
+        vu ub = (vu)kb, uw = (vu)kw;
+        vu d = (vu)(seli(kw >= kb, (vi)(uw - ub), (vi)(ub - uw)) & valid); /* modular differences, exact */
+        vi moved = (vi)(d != 0u);
+        u_zero -= valid & ~moved;
+        u_sum += CVT(d, vl);
+        u_max = (vu)seli((vi)(d > u_max), (vi)d, (vi)u_max);
+        if (J->do_hist) {
+            /* Bucket 1 + 16 k + s of d >= 1: k = floor(log2 d) (from d's float32 exponent, which may round up
+             * to the next power of two: corrected), s the four bits below the leading one. */
+            vi k = floor_log2(CVT(d, vf));
+            k -= (vi)((d >> (vu)k) == 0u) & 1;
+            vi top = narrow((CVT(d, vl) << 4) >> CVT(k, vl)); /* 16 + s */
+            /* Unmoved (and invalid) elements go to bucket 0, which the caller overwrites with n_zero: no branch. */
+            vi bucket = (16 * k + top - 15) & moved;
+            for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;
+        }
+    }
+    double *row = J->part + c * J->ncols;
+    double v = 0, z = 0;
+    uint32_t mx = 0;
+    int64_t si = 0;
+    for (int j = 0; j < L; j++) { v += u_valid[j]; z += u_zero[j]; si += u_sum[j]; mx = u_max[j] > mx ? u_max[j] : mx; }
+    row[0] = v; row[1] = z; row[2] = (double)si; row[3] = (double)mx;
+}
+
+/* One chunk's flip sums of nf formats (a constant, as in before_chunk_n) from row[col] on, and n_valid into
+ * row[0] with `count_valid`. A separate loop from ulp_chunk: the chunk is re-read from L2, and each loop keeps its
+ * accumulators in registers (measured faster than one loop doing both). */
+INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const int nf) {
+    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
+    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
+    const float *W = (const float *)(intptr_t)J->w_tab[t];
+    const vd zd = alld(0.0);
+    vi u_valid = alli(0), f_upd = alli(0);
     vd f_dd = zd;
     vi flip[MAXF], stall[MAXF];
     vl steps_s[MAXF];
@@ -255,98 +302,76 @@ INLINE void after_chunk_n(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS], cons
     }
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
-        vf b = allf(0.0f);
-        memcpy(&b, J->snap + soff + base, (size_t)cnt * 4);
-        vf w = load_block(J, W, soff, base, cnt);
-        vf ab = vabs(b), aw = vabs(w);
-        vi valid = (lane < cnt) & (ab < __builtin_inff()) & (aw < __builtin_inff());
+        vf b, w;
+        vi valid = after_block(J, W, soff, base, cnt, &b, &w);
         u_valid -= valid;
-        if (J->do_ulp) {
-            vi kb = ordered(b), kw = ordered(w);
-            vu ub = (vu)kb, uw = (vu)kw;
-            vu d = (vu)(seli(kw >= kb, (vi)(uw - ub), (vi)(ub - uw)) & valid); /* modular differences, exact */
-            vi moved = (vi)(d != 0u);
-            u_zero -= valid & ~moved;
-            u_sum += CVT(d, vl);
-            u_max = (vu)seli((vi)(d > u_max), (vi)d, (vi)u_max);
-            if (J->do_hist) {
-                /* Bucket 1 + 16 k + s of d >= 1: k = floor(log2 d) (from d's float32 exponent, which may round
-                 * up to the next power of two: corrected), s the four bits below the leading one. */
-                vi k = floor_log2(CVT(d, vf));
-                k -= (vi)((d >> (vu)k) == 0u) & 1;
-                vi top = narrow((CVT(d, vl) << 4) >> CVT(k, vl)); /* 16 + s */
-                vi bucket = 16 * k + top - 15;
-                for (int j = 0; j < L; j++)
-                    if (d[j]) hist[j % HCOPIES][bucket[j]]++;
-            }
-        }
-        if (J->do_flips) {
-            vi updated = valid & (w != b);
-            f_upd -= updated;
-            vd delta = (vd)((vl)(CVT(w, vd) - CVT(b, vd)) & wide(updated)); /* exact */
-            f_dd += delta * delta;
-            vi b_neg = b < 0.0f, w_neg = w < 0.0f;
-            vi toward_sign = ((w < b) & updated) != b_neg; /* delta < 0, compared in float32 */
-            vd ad = (vd)((vl)delta & 0x7FFFFFFFFFFFFFFFLL);
-            for (int f = 0; f < nf; f++) {
-                const fmt_t *F = &J->f[f];
-                vi ib, iw;
-                vf qb = round_index(ab, F, &ib);
-                vf qw = round_index(aw, F, &iw);
-                vl diff = CVT(seli(w_neg, -iw, iw), vl) - CVT(seli(b_neg, -ib, ib), vl);
+        vf ab = vabs(b), aw = vabs(w);
+        vi updated = valid & (w != b);
+        f_upd -= updated;
+        vd delta = (vd)((vl)(CVT(w, vd) - CVT(b, vd)) & wide(updated)); /* exact */
+        f_dd += delta * delta;
+        vi b_neg = b < 0.0f, w_neg = w < 0.0f;
+        vi toward_sign = ((w < b) & updated) != b_neg; /* delta < 0, compared in float32 */
+        vd ad = (vd)((vl)delta & 0x7FFFFFFFFFFFFFFFLL);
+        for (int f = 0; f < nf; f++) {
+            const fmt_t *F = &J->f[f];
+            vi ib, iw;
+            vf qb = round_index(ab, F, &ib);
+            vf qw = round_index(aw, F, &iw);
+            vi sw = seli(w_neg, -iw, iw), sb = seli(b_neg, -ib, ib), moved;
+            if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX fits int32: widened once, for the sum */
+                vi diff = sw - sb;
+                vi steps = seli(diff < 0, -diff, diff) & valid;
+                moved = steps != 0;
+                steps_s[f] += CVT(steps, vl);
+            } else {
+                vl diff = CVT(sw, vl) - CVT(sb, vl);
                 vl steps = sell(diff < 0, -diff, diff) & wide(valid);
-                flip[f] -= narrow(steps != 0);
-                stall[f] -= updated & narrow(steps == 0);
+                moved = narrow(steps != 0);
                 steps_s[f] += steps;
-                /* Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b. */
-                vd vb = (vd)((vl)CVT(self(b_neg, -qb, qb), vd) & wide(valid));
-                vd vw = (vd)((vl)CVT(self(w_neg, -qw, qw), vd) & wide(valid));
-                vi eb = imax(floor_log2(qb), alli(F->emin));
-                vi toward = (qb != 0.0f) & toward_sign;
-                vi half = toward & (eb > F->emin) & (vi)(((vu)qb & 0x7FFFFFu) == 0u); /* a power of two */
-                vd inv_gap = pow2_f64(seli(half, F->m + 1 - eb, F->m - eb));
-                vd p = ad * inv_gap;
-                p = seld(p < 1.0, p, alld(1.0));
-                vd p_move = (vd)((vl)p & ~wide((qb >= F->fmax) & ~toward));
-                vd s = vb + delta;
-                s = seld(s > -F->fmax64, s, alld(-F->fmax64));
-                s = seld(s < F->fmax64, s, alld(F->fmax64));
-                vd e_sr = s - vb, m_near = vw - vb;
-                move_s[f] += p_move;
-                near_s[f] += m_near * m_near;
-                sr_s[f] += e_sr * e_sr;
             }
+            flip[f] -= moved;
+            stall[f] -= updated & ~moved;
+            /* Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b; the
+             * signs and the masks applied in float32 (q >= 0: the sign bit of -q is b's). */
+            vd vb = CVT((vf)(((vu)qb | ((vu)b_neg & 0x80000000u)) & (vu)valid), vd);
+            vd vw = CVT((vf)(((vu)qw | ((vu)w_neg & 0x80000000u)) & (vu)valid), vd);
+            vi eb = imax(floor_log2(qb), alli(F->emin));
+            vi toward = (qb != 0.0f) & toward_sign;
+            vi half = toward & (eb > F->emin) & (vi)(((vu)qb & 0x7FFFFFu) == 0u); /* a power of two */
+            vd inv_gap = pow2_f64(seli(half, F->m + 1 - eb, F->m - eb));
+            vd p = ad * inv_gap;
+            p = seld(p < 1.0, p, alld(1.0));
+            vd p_move = (vd)((vl)p & ~wide((qb >= F->fmax) & ~toward));
+            vd s = vb + delta;
+            s = seld(s > -F->fmax64, s, alld(-F->fmax64));
+            s = seld(s < F->fmax64, s, alld(F->fmax64));
+            vd e_sr = s - vb, m_near = vw - vb;
+            move_s[f] += p_move;
+            near_s[f] += m_near * m_near;
+            sr_s[f] += e_sr * e_sr;
         }
     }
     double *row = J->part + c * J->ncols;
-    double v = 0;
-    for (int j = 0; j < L; j++) v += u_valid[j];
-    row[0] = v;
-    int col = 1;
-    if (J->do_ulp) {
-        double z = 0;
-        uint32_t mx = 0;
-        int64_t si = 0;
-        for (int j = 0; j < L; j++) { z += u_zero[j]; si += u_sum[j]; mx = u_max[j] > mx ? u_max[j] : mx; }
-        row[1] = z; row[2] = (double)si; row[3] = (double)mx;
-        col = 4;
+    if (count_valid) {
+        double v = 0;
+        for (int j = 0; j < L; j++) v += u_valid[j];
+        row[0] = v;
     }
-    if (J->do_flips) {
-        double u = 0, dd = 0;
-        for (int j = 0; j < L; j++) { u += f_upd[j]; dd += f_dd[j]; }
-        row[col] = u; row[col + 1] = dd;
-        col += 2;
-        for (int f = 0; f < nf; f++) {
-            double fl = 0, st = 0, mv = 0, nr = 0, sr = 0;
-            int64_t sp = 0;
-            for (int j = 0; j < L; j++) {
-                fl += flip[f][j]; st += stall[f][j]; sp += steps_s[f][j];
-                mv += move_s[f][j]; nr += near_s[f][j]; sr += sr_s[f][j];
-            }
-            row[col] = fl; row[col + 1] = st; row[col + 2] = (double)sp;
-            row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr;
-            col += 6;
+    double u = 0, dd = 0;
+    for (int j = 0; j < L; j++) { u += f_upd[j]; dd += f_dd[j]; }
+    row[col] = u; row[col + 1] = dd;
+    col += 2;
+    for (int f = 0; f < nf; f++) {
+        double fl = 0, st = 0, mv = 0, nr = 0, sr = 0;
+        int64_t sp = 0;
+        for (int j = 0; j < L; j++) {
+            fl += flip[f][j]; st += stall[f][j]; sp += steps_s[f][j];
+            mv += move_s[f][j]; nr += near_s[f][j]; sr += sr_s[f][j];
         }
+        row[col] = fl; row[col + 1] = st; row[col + 2] = (double)sp;
+        row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr;
+        col += 6;
     }
 }
 
@@ -363,8 +388,12 @@ static void before_chunk(job_t *J, int64_t c) {
 }
 
 static void after_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
-#define AFTER(k) after_chunk_n(J, c, hist, k)
-    DISPATCH(AFTER, J->nf)
+    if (J->do_ulp) ulp_chunk(J, c, hist);
+    if (J->do_flips) {
+        const int col = J->do_ulp ? 4 : 1, count_valid = !J->do_ulp;
+#define FLIPS(k) flips_chunk_n(J, c, col, count_valid, k)
+        DISPATCH(FLIPS, J->nf)
+    }
 }
 
 typedef struct { job_t *job; int after; } worker_arg_t;
