@@ -285,6 +285,8 @@ def _fast_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Te
 
     - CUDA with Triton: one kernel (``_fused.triton_quantize``), one read and one write per element, for every format
       the fused diagnostics support (all presets but e8m0 and e0m7, and user formats like them).
+    - CPU, formats that are no torch dtype but the fused diagnostics support (float6/float4, user formats): the same
+      arithmetic in the C backend of the fused pass (``_fused.c_quantize``), where a C compiler built it.
     - Elsewhere, formats that are torch dtypes (float8_e4m3fn/e5m2 and their fnuz variants, bfloat16, float16): torch's
       own cast there and back. Its overflow and NaN behaviour differ between torch versions (torch < 2.12 turns
       float8_e4m3fn values above 464 into NaN, later versions saturate), so the cast is first checked once per device
@@ -303,6 +305,12 @@ def _fast_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Te
         if HAS_TRITON and fused_format_supported(fmt):
             return triton_quantize(x, fmt, saturate)
     if fmt.name not in _NATIVE_DTYPES or not hasattr(torch, fmt.name):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            from altgrad_lightning.functional import _fused_cpu
+            from altgrad_lightning.functional._fused import c_quantize, fused_format_supported
+
+            if fused_format_supported(fmt) and _fused_cpu.load() is not None:
+                return c_quantize(x, fmt, saturate)
         return None
     key = (x.device.type, x.dtype, fmt.name, saturate)
     if key not in _native_modes:

@@ -18,8 +18,8 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``every10``: ``m1`` with ``every_n_steps=10``;
 - ``nosnap``: ``m1`` with ``diagnostics=("stiffness", "grid")`` (no snapshot of the weights);
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
-- ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (default on
-  CUDA only: elsewhere the fused path does not apply and ``m1ref`` equals ``m1``);
+- ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (the fused path
+  runs on CUDA with Triton and on the CPU with a C compiler; elsewhere ``m1ref`` equals ``m1``);
 - ``amax``, ``mx``: ``m1`` with ``scaling="amax"`` (per-tensor current scaling) and ``scaling="mx"`` (MX blocks of
   32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``);
 - ``sample2``, ``amaxs2``, ``mxs2``: ``m1``, ``amax`` and ``mx`` with ``sample_fraction=0.02`` (a fixed 2 % of the

@@ -4,7 +4,8 @@ For each format (float8_e4m3fn, float8_e5m2, bfloat16, and float6_e2m3fn, float4
 the candidates are, on one float32 tensor ``x``:
 
 - ``quantize``: ``altgrad_lightning.quantize(x, fmt)`` (nearest rounding, the format's default saturation), which
-  takes its fast path (one Triton kernel on CUDA; torch's checked cast on CPU for torch dtypes);
+  takes its fast path (one Triton kernel on CUDA; on CPU torch's checked cast for torch dtypes, the compiled C
+  backend for the others);
 - ``reference arithmetic``: the same result through quantize's exact elementwise arithmetic (``quantize_scaled``),
   what ``quantize`` ran for every call before the fast path;
 - ``torch cast``: the native round trip ``x.to(dtype).to(torch.float32)``;

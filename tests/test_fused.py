@@ -323,21 +323,22 @@ def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(t
         assert_matches(row, reference([_subset(step, picks)], formats=formats), what=row["step"])
 
 
-@needs_triton
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("sat", [True, False], ids=["sat", "nosat"])
 @pytest.mark.parametrize("name", FORMATS + ["float8_e5m2fnuz", "float6_e3m2fn", "float32"])
-def test_triton_quantize_equals_the_reference_arithmetic(name, sat, in_dtype):
-    """quantize's one-kernel CUDA path equals the reference arithmetic (``quantize_scaled``, proven against ml_dtypes,
-    torch casts and gfloat in test_quantize.py) bit for bit, signed zeros and NaN included, on adversarial values."""
-    from altgrad_lightning.functional._fused import triton_quantize
+def test_fast_quantize_equals_the_reference_arithmetic(name, sat, in_dtype, backend):
+    """quantize's fast paths (one Triton kernel on CUDA, the C backend on the CPU) equal the reference arithmetic
+    (``quantize_scaled``, proven against ml_dtypes, torch casts and gfloat in test_quantize.py) bit for bit, signed
+    zeros and NaN included, on adversarial values."""
+    from altgrad_lightning.functional._fused import c_quantize, triton_quantize
     from altgrad_lightning.quantize import Rounding, quantize_scaled
 
+    kind, dev = backend
     fmt = get_format(name)
     assert fused_format_supported(fmt)
     w, _, after = _adversarial(5000, seed=3)
-    x = torch.cat([w, after, -w]).to(in_dtype).to(DEVICE)
-    got = triton_quantize(x, fmt, sat)
+    x = torch.cat([w, after, -w]).to(in_dtype).to(dev)
+    got = (c_quantize if kind == "c" else triton_quantize)(x, fmt, sat)
     want = quantize_scaled(x, fmt, None, Rounding.NEAREST, sat).to(in_dtype)
     assert got.dtype == in_dtype and got.shape == x.shape
     same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))

@@ -46,7 +46,7 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs take the refer
 except ImportError:  # pragma: no cover - depends on the installation
     HAS_TRITON = False
 
-__all__ = ["FusedPass", "fused_format_supported", "fused_supported", "triton_quantize"]
+__all__ = ["FusedPass", "c_quantize", "fused_format_supported", "fused_supported", "triton_quantize"]
 
 CHUNK = 8192
 """Elements per Triton program: a program's chunk never crosses a parameter, so per-parameter sums are possible."""
@@ -595,6 +595,26 @@ def triton_quantize(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.
             x.view(torch.int16) if in_bf16 else x, y, n, overflow_value,
             EMIN=fmt.emin, M=fmt.mantissa_bits, P2M=2.0**fmt.mantissa_bits, FMAX=float(fmt.max),
             NEG_ZERO=fmt.has_negative_zero, IN_BF16=in_bf16, BLOCK=_QUANTIZE_BLOCK,
+        )  # fmt: skip
+    return y.to(x.dtype)
+
+
+def c_quantize(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor:
+    """``quantize(x, fmt, saturate=saturate)`` (nearest, no scale) through the C backend (``altgrad_quantize``, the
+    same arithmetic as ``_quantize_kernel``), for a contiguous float32/float16/bfloat16 CPU tensor and a format
+    :func:`fused_format_supported` accepts, once ``_fused_cpu.load()`` has built the library. float16/bfloat16
+    inputs are widened to float32 (exactly) and the float32 grid values rounded back once, as the reference's
+    final ``.to(x.dtype)``."""
+    lib = _fused_cpu.load()
+    assert lib is not None and x.device.type == "cpu" and x.is_contiguous()
+    src = x.float()
+    y = torch.empty_like(src)
+    if x.numel():
+        overflow_value = fmt.max if saturate else (float("inf") if fmt.has_inf else float("nan"))
+        consts = torch.tensor(_format_constants(fmt), dtype=torch.float64)
+        lib.altgrad_quantize(
+            src.data_ptr(), y.data_ptr(), x.numel(), overflow_value, consts.data_ptr(), fmt.has_negative_zero,
+            torch.get_num_threads(),
         )  # fmt: skip
     return y.to(x.dtype)
 

@@ -83,9 +83,10 @@ INLINE vi imax(vi a, vi b) { return seli(a > b, a, b); }
 INLINE vi imin(vi a, vi b) { return seli(a < b, a, b); }
 INLINE vi lanes(void) { vi v; for (int j = 0; j < L; j++) v[j] = j; return v; }
 
-/* Nearest-even, saturating grid value of non-negative float32 lanes `a` in format F, and their order-preserving
- * grid index (Triton's _round_index, lane for lane; only finite `a` matter, the rest is masked by the callers). */
-INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
+/* Nearest-even grid value of non-negative float32 lanes `a` in format F on the grid extended past its max (inf
+ * where that lies past float32's max), and its order-preserving grid index, unsaturated (Triton's _round_index
+ * before its saturation, lane for lane; only finite `a` matter, the rest is masked by the callers). */
+INLINE vf round_raw(vf a, const fmt_t *F, vi *index) {
     vu bits = (vu)a;
     vf q;
     vi idx;
@@ -106,6 +107,14 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
         vf rs = self((r >= 0.0f) & (r < 2147483648.0f), r, allf(0.0f));
         idx = (vi)(((vu)(e - F->emin) << F->m) + (vu)CVT(rs, vi));
     }
+    *index = idx;
+    return q;
+}
+
+/* round_raw saturated at the format's max (Triton's _round_index). */
+INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
+    vi idx;
+    vf q = round_raw(a, F, &idx);
     vi over = idx > F->imax;
     *index = seli(over, alli(F->imax), idx);
     return self(over, allf(F->fmax), q);
@@ -396,6 +405,25 @@ static void after_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     }
 }
 
+/* Run worker(arg) on `threads` threads, the caller's included: the OpenMP runtime torch itself runs on (linked by
+ * _fused_cpu.py), whose worker threads spin for a while after torch's own parallel regions and so take the work
+ * instead of competing with threads of ours; else pthreads. The workers share their tasks through an atomic
+ * counter in `arg`. */
+static void run_parallel(void *(*worker)(void *), void *arg, int threads) {
+#ifdef ALTGRAD_OPENMP
+#pragma omp parallel num_threads(threads)
+    worker(arg);
+#else
+    int extra = threads - 1 < 64 ? threads - 1 : 64;
+    pthread_t tid[64];
+    int started = 0;
+    for (; started < extra; started++)
+        if (pthread_create(&tid[started], 0, worker, arg) != 0) break; /* fewer threads: still correct */
+    worker(arg);
+    for (int i = 0; i < started; i++) pthread_join(tid[i], 0);
+#endif
+}
+
 typedef struct { job_t *job; int after; } worker_arg_t;
 
 static void flush_hist(job_t *J, uint32_t (*hist)[HIST_BINS]) {
@@ -430,6 +458,14 @@ static void *worker(void *arg) {
     return 0;
 }
 
+/* A format from one row of _format_constants: (EMIN, ECLAMP, M, 2**M, max, IMAX, sub-scale 1, sub-scale 2,
+ * 2**(EMIN - M)). */
+static void set_format(fmt_t *F, const double *r) {
+    F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
+    F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5]; F->s1 = (float)r[6];
+    F->s2 = (float)r[7]; F->below = (float)r[8];
+}
+
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
  * _format_constants (EMIN, ECLAMP, M, 2**M, max, IMAX, sub-scale 1, sub-scale 2, 2**(EMIN - M)); `flags` is
  * {after, has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist}. Returns 0, or -1 for
@@ -446,28 +482,60 @@ int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t
     J.has_gscale = flags[1]; J.write_snap = flags[2]; J.sampled = flags[3]; J.do_stiff = flags[4];
     J.do_grid = flags[5]; J.do_ulp = flags[6]; J.do_flips = flags[7]; J.do_hist = flags[8];
     J.nf = nf; J.ncols = ncols; J.chunk = chunk; J.n_chunks = n_chunks; J.next = 0;
-    for (int f = 0; f < nf; f++) {
-        const double *r = fmts + 9 * f;
-        fmt_t *F = &J.f[f];
-        F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
-        F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5]; F->s1 = (float)r[6];
-        F->s2 = (float)r[7]; F->below = (float)r[8];
-    }
+    for (int f = 0; f < nf; f++) set_format(&J.f[f], fmts + 9 * f);
     worker_arg_t arg = {&J, flags[0]};
     if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
-#ifdef ALTGRAD_OPENMP
-    /* The OpenMP runtime torch itself runs on (linked by _fused_cpu.py): its worker threads, which spin for a
-     * while after torch's own parallel regions, take the chunks instead of competing with threads of ours. */
-#pragma omp parallel num_threads(threads)
-    worker(&arg);
-#else
-    int extra = threads - 1 < 64 ? threads - 1 : 64;
-    pthread_t tid[64];
-    int started = 0;
-    for (; started < extra; started++)
-        if (pthread_create(&tid[started], 0, worker, &arg) != 0) break; /* fewer threads: still correct */
-    worker(&arg);
-    for (int i = 0; i < started; i++) pthread_join(tid[i], 0);
-#endif
+    run_parallel(worker, &arg, threads);
+    return 0;
+}
+
+#define QBLOCK 16384
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t n, next;
+    float overflow;
+    int neg_zero;
+    fmt_t f;
+} quantize_job_t;
+
+static void *quantize_worker(void *arg) {
+    quantize_job_t *Q = (quantize_job_t *)arg;
+    const fmt_t *F = &Q->f;
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&Q->next, 1, __ATOMIC_RELAXED) * QBLOCK;
+        if (c >= Q->n) break;
+        const int64_t end = c + QBLOCK < Q->n ? c + QBLOCK : Q->n;
+        for (int64_t base = c; base < end; base += L) {
+            const int cnt = end - base < L ? (int)(end - base) : L;
+            vf x = allf(0.0f);
+            memcpy(&x, Q->x + base, (size_t)cnt * 4);
+            vf a = vabs(x);
+            vi ix;
+            vf q = round_raw(a, F, &ix);
+            q = self(a < __builtin_inff(), q, a); /* inf stays inf, then overflows */
+            q = self(q > F->fmax, allf(Q->overflow), q);
+            if (Q->neg_zero) q = (vf)((vu)q | ((vu)x & 0x80000000u)); /* copysign, -0 included */
+            else q = self(x < 0.0f, -q, q) + 0.0f;                   /* no -0 in the format (fnuz): -0 + 0 is +0 */
+            q = self(x != x, x, q);                                    /* NaN stays NaN, payload included */
+            memcpy(Q->y + base, &q, (size_t)cnt * 4);
+        }
+    }
+    return 0;
+}
+
+/* quantize(x, fmt) with nearest rounding and no scale, float32 to float32 (Triton's _quantize_kernel): the grid
+ * value of |x|, `overflow` (max, inf or NaN) above max, x's sign (cleared for formats without -0), NaN for NaN.
+ * `fmt` is one row of _format_constants. Returns 0. */
+int altgrad_quantize(const float *x, float *y, int64_t n, float overflow, const double *fmt, int neg_zero,
+                     int threads) {
+    quantize_job_t Q;
+    memset(&Q, 0, sizeof Q);
+    Q.x = x; Q.y = y; Q.n = n; Q.overflow = overflow; Q.neg_zero = neg_zero;
+    set_format(&Q.f, fmt);
+    int64_t blocks = (n + QBLOCK - 1) / QBLOCK;
+    if ((int64_t)threads > blocks) threads = blocks > 1 ? (int)blocks : 1;
+    run_parallel(quantize_worker, &Q, threads);
     return 0;
 }

@@ -140,6 +140,9 @@ def load() -> ctypes.CDLL | None:
     fn.argtypes = [p] * 10 + [ctypes.c_float, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                               ctypes.c_int]  # fmt: skip
     fn.restype = ctypes.c_int
+    q = lib.altgrad_quantize
+    q.argtypes = [p, p, ctypes.c_int64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
+    q.restype = ctypes.c_int
     _lib = lib
     return lib
 
