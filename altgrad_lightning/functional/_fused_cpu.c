@@ -37,7 +37,7 @@
 
 typedef struct {
     int32_t emin, eclamp, m, imax;
-    float p2m, fmax, s1, s2, below;
+    float p2m, fmax, s1, s2, inv_p2m, p2emin; /* inv_p2m = 2**-M, p2emin = 2**EMIN */
     double fmax64;
 } fmt_t;
 
@@ -74,6 +74,7 @@ INLINE vi narrow(vl m) { return CVT(m, vi); }
 INLINE vf allf(float x) { return (vf){0} + x; }
 INLINE vi alli(int32_t x) { return (vi){0} + x; }
 INLINE vd alld(double x) { return (vd){0} + x; }
+INLINE float u2f_scalar(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
 /* Exponent field of non-negative float32 lanes minus the bias (subnormals -127, inf/NaN 128). */
 INLINE vi floor_log2(vf a) { return (vi)((vu)a >> 23) - 127; }
@@ -93,11 +94,15 @@ INLINE vf round_raw(vf a, const fmt_t *F, vi *index) {
     if (F->m < 23) {
         vi normal = (vi)(bits >= (vu)alli((F->emin + 127) << 23)); /* a >= 2**EMIN: unsigned order of the bits */
         vf r_normal = (vf)((bits & 0x7FFFFFu) | ((uint32_t)(F->m + 127) << 23));
-        vf r = self(normal, r_normal, (a * F->s1) * F->s2);
+        /* Below 2**EMIN the value is n * 2**(EMIN - M), formed as (n * 2**-M) * 2**EMIN with normal factors and
+         * the other lanes zeroed first: no float32 denormal operand or result where the lane is not below 2**EMIN
+         * (2**(EMIN - M) itself is one for bfloat16, and denormals cost x86 a microcode assist per operation). */
+        vf zero = allf(0.0f);
+        vf r = self(normal, r_normal, (self(normal, zero, a) * F->s1) * F->s2);
         vf t = r + 8388608.0f; /* 2**23 + n: rounds to the nearest integer, ties to even */
         vu n = (vu)t - 0x4B000000u;
         vf q_normal = (vf)((bits & 0x7F800000u) - 0x800000u + (n << (23 - F->m)));
-        q = self(normal, q_normal, (t - 8388608.0f) * F->below);
+        q = self(normal, q_normal, (self(normal, zero, t - 8388608.0f) * F->inv_p2m) * F->p2emin);
         idx = (vi)((((bits >> 23) - (uint32_t)(F->emin + 127)) << F->m) & (vu)normal) + (vi)n;
     } else { /* float32's own significand width: nothing to round above 2**EMIN */
         vi e = imax(floor_log2(a), alli(F->emin));
@@ -463,7 +468,9 @@ static void *worker(void *arg) {
 static void set_format(fmt_t *F, const double *r) {
     F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
     F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5]; F->s1 = (float)r[6];
-    F->s2 = (float)r[7]; F->below = (float)r[8];
+    F->s2 = (float)r[7];
+    F->inv_p2m = 1.0f / F->p2m; /* exact: a power of two */
+    F->p2emin = u2f_scalar((uint32_t)(F->emin + 127) << 23); /* normal: EMIN >= -126 */
 }
 
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
