@@ -372,3 +372,25 @@ def test_without_a_working_c_compiler_the_monitor_warns_and_takes_the_reference_
     assert len(rows) == len(probe.steps) == 3
     for row, step in zip(rows, probe.steps, strict=True):
         assert_matches(row, reference([step], formats=("float8_e4m3fn",)), what=row["step"])
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    """A cache folder that cannot be created (its parent is a file) does not cost the fast path: the library is
+    built in the user's folder under the temporary folder, and it computes the reference sums."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_lib", None)
+    monkeypatch.setattr(_fused_cpu, "_reason", None)
+    monkeypatch.setenv("ALTGRAD_LIGHTNING_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(_fused_cpu.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lib = _fused_cpu.load()
+    assert lib is not None, _fused_cpu.unavailable_reason()
+    assert os.path.dirname(lib._name).startswith(str(tmp_path / "tmp" / "altgrad_lightning-"))
+    w, g, _ = _adversarial(3000, 12)
+    fmt = get_format("float8_e4m3fn")
+    fused = FusedPass([w.clone()], [fmt], ("stiffness",), backend="c")
+    fused.before([g], None)
+    _assert_sums_equal(fused.drain()[0]["stiffness"][fmt.name], _gradient_stiffness_update(w, g, fmt), "stiffness")

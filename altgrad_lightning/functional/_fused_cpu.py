@@ -8,8 +8,9 @@ a while after each of torch's parallel regions, and threads of our own would sha
 27-31 ms against 19 ms per step of the CPU workload's pass). Without such a runtime it uses pthreads. The library
 is cached under
 ``$ALTGRAD_LIGHTNING_CACHE`` (default ``$XDG_CACHE_HOME/altgrad_lightning``, else ``~/.cache/altgrad_lightning``)
-by a hash of the source, the compiler and this CPU, and written by an atomic rename, so processes started together
-(DDP ranks, test workers) never load a half-written file. Without a working compiler :func:`load` returns ``None``
+by a hash of the source, the compiler and this CPU (in the temporary folder where that cannot be written), and
+written by an atomic rename, so processes started together (DDP ranks, test workers) never load a half-written
+file. Without a working compiler :func:`load` returns ``None``
 with the reason in :func:`unavailable_reason`, and the callback takes the reference path.
 """
 
@@ -47,12 +48,14 @@ def _cpu_id() -> str:
     return "\n".join(parts)
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the library is cached: the configured folder, then one of this user's in the temporary folder (for a
+    home that cannot be written)."""
     explicit = os.environ.get("ALTGRAD_LIGHTNING_CACHE")
-    if explicit:
-        return Path(explicit)
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "altgrad_lightning"
+    user = str(os.getuid()) if hasattr(os, "getuid") else "user"
+    return [Path(explicit) if explicit else Path(root) / "altgrad_lightning",
+            Path(tempfile.gettempdir()) / f"altgrad_lightning-{user}"]  # fmt: skip
 
 
 def _openmp_runtime() -> str | None:
@@ -124,16 +127,21 @@ def load() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         "\n".join([_SOURCE.read_text(), cc, version, repr(_FLAG_SETS), repr(_BASE_FLAGS), _cpu_id(), str(omp)]).encode()
     ).hexdigest()[:24]
-    target = _cache_dir() / f"fused_cpu_{key}.so"
-    try:
-        if not target.exists():
-            error = _compile(cc, omp, target)
-            if error is not None:
-                _reason = f"compiling the CPU pass failed: {error}"
-                return None
-        lib = ctypes.CDLL(str(target))
-    except OSError as err:
-        _reason = f"building or loading {target} failed: {err}"
+    errors = []
+    for folder in _cache_dirs():
+        target = folder / f"fused_cpu_{key}.so"
+        try:
+            if not target.exists():
+                error = _compile(cc, omp, target)
+                if error is not None:  # the compiler's verdict: no other folder changes it
+                    _reason = f"compiling the CPU pass failed: {error}"
+                    return None
+            lib = ctypes.CDLL(str(target))
+            break
+        except OSError as err:  # a folder that cannot be written, or a file that does not load: the next folder
+            errors.append(f"{target}: {err}")
+    else:
+        _reason = "building or loading the CPU pass failed: " + "; ".join(errors)
         return None
     fn = lib.altgrad_fused_pass
     p = ctypes.c_void_p
