@@ -111,11 +111,11 @@ class QuantizationMonitor(Callback):
         fused: compute every diagnostic of every format in two fused passes over all parameters of an optimizer
             (about 20 bytes of memory traffic per float32 parameter and step) instead of dozens of tensor
             operations per parameter: Triton kernels on CUDA, and on the CPU a small C library built once with the
-            system C compiler (``$CC`` or ``cc``; about a second, cached under ``~/.cache/altgrad_lightning``;
-            without a compiler the monitor warns once and takes the reference path). Same numbers (tested equal);
-            applies to contiguous float32 weights and gradients without ``per_parameter`` or ``scaling``, and to
-            every preset format but ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path, per
-            optimizer and step.
+            system C compiler (``$CC`` or ``cc``; a few seconds, then cached under ``~/.cache/altgrad_lightning``;
+            without a compiler the monitor warns once per fit and takes the reference path). Same numbers (tested
+            equal); applies to contiguous float32 weights and gradients without ``per_parameter`` or ``scaling``,
+            and to every preset format but ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path,
+            per optimizer and step.
         sample_fraction: measure a fixed random subset of the weight elements instead of all of them: each element
             of each selected parameter (of the rank's shard, when sharded) is in it independently with this
             probability, drawn once at the start of fit from ``sample_seed`` (plus the rank when sharded), so the same
@@ -310,13 +310,15 @@ class QuantizationMonitor(Callback):
         self._fused_passes = {}
         # The fast path reads whole plain tensors: never DTensors, nor (padded, partly replicated) sharded runs.
         if self.fused and not self.per_parameter and not self._sharded:
+            warned = False
             for key, chosen in self._selected.items():
                 params = [p for _, p in chosen]
                 if any(_is_dtensor(p) for p in params):
                     continue
                 if fused_supported(params, self.formats, scaled=self.scaling != "none"):
                     self._fused_passes[key] = self._new_fused_pass(params)
-                elif params and params[0].device.type == "cpu" and _fused_cpu.unavailable_reason() is not None:
+                elif params and params[0].device.type == "cpu" and _fused_cpu.unavailable_reason() and not warned:
+                    warned = True
                     rank_zero_warn(
                         "QuantizationMonitor: the CPU fast path is unavailable, so every step takes the reference "
                         f"path (several times slower): {_fused_cpu.unavailable_reason()}"

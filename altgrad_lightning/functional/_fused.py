@@ -137,9 +137,13 @@ def fused_supported(params: Sequence[torch.Tensor], formats: Sequence[FloatForma
         available = _fused_cpu.load() is not None
     else:
         return False
-    return available and all(
-        p.device == device and p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() % 16 == 0 for p in params
-    )
+    return available and all(p.device == device and _fits(p) for p in params)
+
+
+def _fits(t: torch.Tensor) -> bool:
+    """A tensor the passes read: contiguous float32, 16-byte aligned on CUDA (for the Triton kernels' vector loads;
+    the C backend reads any alignment)."""
+    return t.dtype == torch.float32 and t.is_contiguous() and (t.device.type != "cuda" or t.data_ptr() % 16 == 0)
 
 
 if HAS_TRITON:
@@ -620,7 +624,8 @@ def c_quantize(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tenso
 
 
 class FusedPass:
-    """Fused diagnostic pass over one fixed list of float32 CUDA parameters (see the module docstring).
+    """Fused diagnostic pass over one fixed list of float32 parameters on one CUDA device or the CPU (see the
+    module docstring).
 
     ``before(grads, grad_scale)`` (stiffness, grid, and the snapshot) and ``after(taken)`` (ULP and flips) add a
     step to running sums on the device, with a few small operations per kernel and no host synchronisation;
@@ -720,15 +725,10 @@ class FusedPass:
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
-        """Whether this step's gradients fit the fast path: float32, contiguous, 16-byte aligned, beside their
-        parameter."""
+        """Whether this step's gradients fit the fast path: float32, contiguous, beside their parameter (and
+        16-byte aligned on CUDA)."""
         return all(
-            g is not None
-            and g.dtype == torch.float32
-            and g.is_contiguous()
-            and g.device == p.device
-            and g.shape == p.shape
-            and g.data_ptr() % 16 == 0
+            g is not None and g.device == p.device and g.shape == p.shape and _fits(g)
             for p, g in zip(params, grads, strict=True)
         )
 
