@@ -131,6 +131,23 @@ INLINE vi ordered(vf x) {
     return seli(bits < 0, -(bits & 0x7FFFFFFF), bits);
 }
 
+/* A chunk of the table: its parameter's index, its elements [start, end), the parameter's snapshot offset and
+ * weights. */
+typedef struct {
+    int64_t t, start, end, soff;
+    const float *w;
+} span_t;
+
+INLINE span_t chunk_span(const job_t *J, int64_t c) {
+    span_t S;
+    S.t = J->chunk_t[c];
+    S.start = J->chunk_start[c];
+    S.end = S.start + J->chunk < J->numel[S.t] ? S.start + J->chunk : J->numel[S.t];
+    S.soff = J->snap_off[S.t];
+    S.w = (const float *)(intptr_t)J->w_tab[S.t];
+    return S;
+}
+
 /* The elements [base, base + cnt) of a chunk, zero-padded to L lanes (gathered with a sample). */
 INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t base, int cnt) {
     vf out = allf(0.0f);
@@ -148,10 +165,10 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
 /* One chunk's stiffness and grid sums (and its snapshot), for nf formats: called with a constant nf (see
  * before_chunk), so that the format loop unrolls and the accumulators stay in registers. */
 INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
-    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
-    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
-    const float *W = (const float *)(intptr_t)J->w_tab[t];
-    const float *G = J->do_stiff ? (const float *)(intptr_t)J->g_tab[t] : 0;
+    const span_t S = chunk_span(J, c);
+    const int64_t start = S.start, end = S.end, soff = S.soff;
+    const float *W = S.w;
+    const float *G = J->do_stiff ? (const float *)(intptr_t)J->g_tab[S.t] : 0;
     const vi lane = lanes();
     const vd zd = alld(0.0);
     vi s_valid = alli(0), s_zero = alli(0), r_valid = alli(0);
@@ -259,9 +276,9 @@ INLINE vi after_block(const job_t *J, const float *W, int64_t soff, int64_t base
 
 /* One chunk's n_valid and ULP sums, and its fine ULP histogram into `hist`: row[0..3]. */
 INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
-    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
-    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
-    const float *W = (const float *)(intptr_t)J->w_tab[t];
+    const span_t S = chunk_span(J, c);
+    const int64_t start = S.start, end = S.end, soff = S.soff;
+    const float *W = S.w;
     vi u_valid = alli(0), u_zero = alli(0);
     vl u_sum = CVT(alli(0), vl);
     vu u_max = (vu)alli(0);
@@ -300,9 +317,9 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
  * row[0] with `count_valid`. A separate loop from ulp_chunk: the chunk is re-read from L2, and each loop keeps its
  * accumulators in registers (measured faster than one loop doing both). */
 INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const int nf) {
-    const int64_t t = J->chunk_t[c], start = J->chunk_start[c], n = J->numel[t], soff = J->snap_off[t];
-    const int64_t end = start + J->chunk < n ? start + J->chunk : n;
-    const float *W = (const float *)(intptr_t)J->w_tab[t];
+    const span_t S = chunk_span(J, c);
+    const int64_t start = S.start, end = S.end, soff = S.soff;
+    const float *W = S.w;
     const vd zd = alld(0.0);
     vi u_valid = alli(0), f_upd = alli(0);
     vd f_dd = zd;
