@@ -47,10 +47,11 @@ def backend(request):
     return "triton", DEVICE
 
 
-# Ten formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
-# 2**emin) and a 29-bit format take the kernels' wide-index branches.
+# Eleven formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
+# 2**emin) and a 29-bit format take the kernels' wide-index branches, and float29_e5m23 the M = 23 branch with
+# subnormals coarser than float32's (rounding below 2**emin).
 FORMATS = ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "float8_e4m3fnuz", "float6_e2m3fn",
-           "float4_e2m1fn", "float8_e4m3", "float32", "float29_e8m20_ieee"]  # fmt: skip
+           "float4_e2m1fn", "float8_e4m3", "float32", "float29_e8m20_ieee", "float29_e5m23_ieee"]  # fmt: skip
 
 
 def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,19 +347,28 @@ def test_fast_quantize_equals_the_reference_arithmetic(name, sat, in_dtype, back
     assert not bad, [(x[i].item(), got[i].item(), want[i].item()) for i in bad]
 
 
+@pytest.fixture
+def fresh_loader(tmp_path, monkeypatch):
+    """The C backend's loader as in a new process, with its cache and the temporary folder under ``tmp_path``."""
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_lib", None)
+    monkeypatch.setattr(_fused_cpu, "_reason", None)
+    monkeypatch.setenv("ALTGRAD_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(_fused_cpu.tempfile, "tempdir", str(tmp_path / "tmp"))
+    return tmp_path
+
+
 @pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"], ids=["no-compiler", "compiler-fails"])
-def test_without_a_working_c_compiler_the_monitor_warns_and_takes_the_reference_path(tmp_path, monkeypatch, cc):
+def test_without_a_working_c_compiler_the_monitor_warns_and_takes_the_reference_path(fresh_loader, monkeypatch, cc):
     """No C compiler, or one that fails: the CPU backend is unavailable with the reason, the monitor says so once
     and trains on the reference path, whose logged values still equal numpy/ml_dtypes."""
     from callback_helpers import assert_matches, csv_rows, fit, reference
 
     from altgrad_lightning import QuantizationMonitor
 
-    monkeypatch.setattr(_fused_cpu, "_tried", False)
-    monkeypatch.setattr(_fused_cpu, "_lib", None)
-    monkeypatch.setattr(_fused_cpu, "_reason", None)
+    tmp_path = fresh_loader
     monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("ALTGRAD_LIGHTNING_CACHE", str(tmp_path / "cache"))
     assert _fused_cpu.load() is None
     assert cc in _fused_cpu.unavailable_reason()
     with pytest.raises(ValueError, match="backend='c'"):
@@ -374,21 +384,19 @@ def test_without_a_working_c_compiler_the_monitor_warns_and_takes_the_reference_
         assert_matches(row, reference([step], formats=("float8_e4m3fn",)), what=row["step"])
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
-def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+@needs_cc
+def test_an_unwritable_cache_folder_falls_back_to_a_private_temporary_folder(fresh_loader, monkeypatch):
     """A cache folder that cannot be created (its parent is a file) does not cost the fast path: the library is
-    built in the user's folder under the temporary folder, and it computes the reference sums."""
-    blocker = tmp_path / "a-file"
+    built in this user's folder under the temporary folder, created private (0700), and computes the reference
+    sums."""
+    blocker = fresh_loader / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr(_fused_cpu, "_tried", False)
-    monkeypatch.setattr(_fused_cpu, "_lib", None)
-    monkeypatch.setattr(_fused_cpu, "_reason", None)
     monkeypatch.setenv("ALTGRAD_LIGHTNING_CACHE", str(blocker / "cache"))
-    monkeypatch.setattr(_fused_cpu.tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     lib = _fused_cpu.load()
     assert lib is not None, _fused_cpu.unavailable_reason()
-    assert os.path.dirname(lib._name).startswith(str(tmp_path / "tmp" / "altgrad_lightning-"))
+    folder = os.path.dirname(lib._name)
+    assert folder.startswith(str(fresh_loader / "tmp" / "altgrad_lightning-"))
+    assert os.stat(folder).st_mode & 0o777 == 0o700
     w, g, _ = _adversarial(3000, 12)
     fmt = get_format("float8_e4m3fn")
     fused = FusedPass([w.clone()], [fmt], ("stiffness",), backend="c")
@@ -396,7 +404,80 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path,
     _assert_sums_equal(fused.drain()[0]["stiffness"][fmt.name], _gradient_stiffness_update(w, g, fmt), "stiffness")
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="folder ownership is a POSIX notion")
+def test_a_temporary_folder_others_may_write_is_never_used(fresh_loader):
+    """The private temporary folder has a predictable name: if it exists with write access for others (anyone could
+    plant a library there), or is a symbolic link, it is not among the cache folders."""
+    private = fresh_loader / "tmp" / f"altgrad_lightning-{os.getuid()}"
+    private.mkdir()
+    private.chmod(0o777)
+    assert private not in _fused_cpu._cache_dirs()
+    private.rmdir()
+    elsewhere = fresh_loader / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    private.symlink_to(elsewhere)
+    assert private not in _fused_cpu._cache_dirs()
+    private.unlink()
+    assert private in _fused_cpu._cache_dirs()  # created, 0700, this user's
+
+
+@needs_cc
+def test_a_build_that_links_but_does_not_load_falls_back_to_the_next(fresh_loader, monkeypatch):
+    """The OpenMP build is linked against the runtime found in the process; if the result does not load (as with
+    ``clang -fopenmp`` against GCC's libgomp: a missing symbol), the pthreads build is used instead. Here the
+    "runtime" is a library whose recorded name does not exist at load time."""
+    import subprocess
+
+    stub = fresh_loader / "stub.c"
+    stub.write_text("int altgrad_stub;\n")
+    bogus = fresh_loader / "libgomp-bogus.so"
+    cc = _fused_cpu.shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "clang")
+    subprocess.run([*cc, "-shared", "-fPIC", "-o", str(bogus), str(stub), "-Wl,-soname,libaltgrad-absent.so"],
+                   check=True)  # fmt: skip
+    monkeypatch.setattr(_fused_cpu, "_openmp_runtime", lambda: str(bogus))
+    commands = _fused_cpu._commands
+
+    def recording_the_runtime(cc, flags, omp, out):  # keep the runtime's name in the library (no --as-needed)
+        cmds = commands(cc, flags, omp, out)
+        return cmds if omp is None else [cmds[0], [*cmds[1][:-2], "-Wl,--no-as-needed", *cmds[1][-2:]]]
+
+    monkeypatch.setattr(_fused_cpu, "_commands", recording_the_runtime)
+    lib = _fused_cpu.load()
+    assert lib is not None, _fused_cpu.unavailable_reason()
+    w, g, _ = _adversarial(20000, 14)  # several chunks: the threads run
+    fmt = get_format("bfloat16")
+    fused = FusedPass([w.clone()], [fmt], ("grid",), backend="c")
+    fused.before([g], None)
+    _assert_sums_equal(fused.drain()[0]["grid"][fmt.name], _grid_alignment_update(w, fmt), "grid")
+
+
+@needs_cc
+def test_the_loader_takes_cc_with_arguments_and_callers_in_threads(fresh_loader, monkeypatch):
+    """``$CC`` may carry arguments ("ccache gcc"); two threads asking for the library at once both wait for the
+    one build and get it (neither sees None while it builds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "clang"
+    monkeypatch.setenv("CC", f"env {compiler}")
+    with ThreadPoolExecutor(2) as pool:
+        libs = list(pool.map(lambda _: _fused_cpu.load(), range(2)))
+    assert libs[0] is not None and libs[0] is libs[1], _fused_cpu.unavailable_reason()
+
+
+def test_the_openmp_runtime_found_is_torchs():
+    """Where torch loaded an OpenMP runtime from its own folder, the backend links that one (whatever version
+    suffix its file name has), so that torch's worker threads run the pass."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc: the backend uses pthreads")
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    with open("/proc/self/maps") as f:
+        torchs = {line.split()[-1] for line in f if "omp" in line and line.split()[-1].startswith(torch_lib)}
+    if not torchs:
+        pytest.skip("this torch build has no OpenMP runtime of its own")
+    assert _fused_cpu._openmp_runtime() in torchs
+
+
+@needs_cc
 def test_c_backend_reads_tensors_at_any_alignment():
     """CPU parameters and gradients that are views 4 bytes into their storage (not 16-byte aligned, which the
     Triton kernels need) take the C backend, whose sums equal the reference's."""

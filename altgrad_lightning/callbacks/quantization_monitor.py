@@ -315,7 +315,9 @@ class QuantizationMonitor(Callback):
                 params = [p for _, p in chosen]
                 if any(_is_dtensor(p) for p in params):
                     continue
-                if fused_supported(params, self.formats, scaled=self.scaling != "none"):
+                if fused_supported(
+                    params, self.formats, scaled=self.scaling != "none", sampled=self.sample_fraction is not None
+                ):
                     self._fused_passes[key] = self._new_fused_pass(params)
                 elif params and params[0].device.type == "cpu" and _fused_cpu.unavailable_reason() and not warned:
                     warned = True

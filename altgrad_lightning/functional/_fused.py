@@ -125,10 +125,15 @@ def fused_format_supported(fmt: FloatFormat) -> bool:
     )
 
 
-def fused_supported(params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], scaled: bool) -> bool:
+def fused_supported(
+    params: Sequence[torch.Tensor], formats: Sequence[FloatFormat], scaled: bool, sampled: bool = False
+) -> bool:
     """Whether :class:`FusedPass` can serve these parameters (gradients are checked per step): CUDA with Triton, or
-    the CPU once the C backend is built (``_fused_cpu.load``)."""
+    the CPU once the C backend is built (``_fused_cpu.load``). With a sample, no parameter may have 2**31 elements
+    or more (the passes hold sample indices in int32)."""
     if scaled or not params or not all(fused_format_supported(f) for f in formats):
+        return False
+    if sampled and any(p.numel() >= 2**31 for p in params):
         return False
     device = params[0].device
     if device.type == "cuda":
@@ -176,11 +181,10 @@ if HAS_TRITON:
         exactly when it lies past float32's max).
         """
         e = tl.maximum(_floor_log2_f32(a), EMIN)
-        r = _times_pow2(a, P2M, e)  # below 2**(M + 1); an integer already when M = 23
-        if M < 23:
-            n = (r + 8388608.0) - 8388608.0  # adding 2**23 rounds to the nearest integer, ties to even
-        else:
-            n = r
+        r = _times_pow2(a, P2M, e)  # below 2**(M + 1)
+        # Adding 2**23 rounds r < 2**23 to the nearest integer, ties to even; from 2**23 on (M = 23, a >= 2**EMIN)
+        # r is an integer already.
+        n = tl.where(r < 8388608.0, (r + 8388608.0) - 8388608.0, r)
         return (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
 
     @triton.jit
@@ -248,11 +252,12 @@ if HAS_TRITON:
             q_normal = ((bits & 0x7F800000) - 0x800000 + (n << (23 - M))).to(tl.float32, bitcast=True)
             q = tl.where(normal, q_normal, (t - 8388608.0) * FMTS[F][8])
             idx = tl.where(normal, ((bits >> 23) - (EMIN + 127)) << M, 0) + n
-        else:  # float32's own significand width: nothing to round above 2**EMIN
+        else:  # float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23
             e = tl.maximum(_floor_log2_f32(a), EMIN)
             r = _times_pow2(a, P2M, e)
-            q = (r / P2M) * _pow2_f32(e)
-            idx = ((e - EMIN) << M) + r.to(tl.int32)
+            n = tl.where(r < 8388608.0, (r + 8388608.0) - 8388608.0, r)
+            q = (n / P2M) * _pow2_f32(e)
+            idx = ((e - EMIN) << M) + n.to(tl.int32)
         over = idx > IMAX  # q > FMAX
         return tl.where(over, FMAX, q), tl.where(over, IMAX, idx)
 

@@ -104,13 +104,14 @@ INLINE vf round_raw(vf a, const fmt_t *F, vi *index) {
         vf q_normal = (vf)((bits & 0x7F800000u) - 0x800000u + (n << (23 - F->m)));
         q = self(normal, q_normal, (self(normal, zero, t - 8388608.0f) * F->inv_p2m) * F->p2emin);
         idx = (vi)((((bits >> 23) - (uint32_t)(F->emin + 127)) << F->m) & (vu)normal) + (vi)n;
-    } else { /* float32's own significand width: nothing to round above 2**EMIN */
+    } else { /* float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23 */
         vi e = imax(floor_log2(a), alli(F->emin));
         vi big = e > 0;
         vf r = (a * self(big, pow2_f32(1 - e), allf(F->p2m))) * self(big, allf(F->p2m * 0.5f), pow2_f32(-e));
-        q = (r / F->p2m) * pow2_f32(e);
-        vf rs = self((r >= 0.0f) & (r < 2147483648.0f), r, allf(0.0f));
-        idx = (vi)(((vu)(e - F->emin) << F->m) + (vu)CVT(rs, vi));
+        vf n = self(r < 8388608.0f, (r + 8388608.0f) - 8388608.0f, r); /* r < 2**23 only below 2**EMIN */
+        q = (n / F->p2m) * pow2_f32(e);
+        vf ns = self((n >= 0.0f) & (n < 2147483648.0f), n, allf(0.0f));
+        idx = (vi)(((vu)(e - F->emin) << F->m) + (vu)CVT(ns, vi));
     }
     *index = idx;
     return q;
@@ -297,9 +298,10 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
         if (J->do_hist) {
             /* Bucket 1 + 16 k + s of d >= 1: k = floor(log2 d) (from d's float32 exponent, which may round up
              * to the next power of two: corrected), s the four bits below the leading one. */
-            vi k = floor_log2(CVT(d, vf));
-            k -= (vi)((d >> (vu)k) == 0u) & 1;
-            vi top = narrow((CVT(d, vl) << 4) >> CVT(k, vl)); /* 16 + s */
+            vu d1 = (vu)seli(moved, (vi)d, alli(1)); /* d >= 1 in every lane: shift counts stay in 0..31 */
+            vi k = floor_log2(CVT(d1, vf));
+            k -= narrow((CVT(d1, vl) >> CVT(k, vl)) == 0) & 1; /* in 64 bits: k may be 32 before this */
+            vi top = narrow((CVT(d1, vl) << 4) >> CVT(k, vl)); /* 16 + s */
             /* Unmoved (and invalid) elements go to bucket 0, which the caller overwrites with n_zero: no branch. */
             vi bucket = (16 * k + top - 15) & moved;
             for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;

@@ -1,17 +1,22 @@
 """The CPU backend of :class:`~altgrad_lightning.functional._fused.FusedPass`: ``_fused_cpu.c``, compiled once.
 
-The C file is C99 with GCC/Clang vector extensions (no Python or torch headers), so it builds in about a second
-with the system C compiler (``$CC``, else ``cc``), tuned to this machine (``-march=native``, retried without it),
-and is loaded with :mod:`ctypes`, whose calls release the GIL. Its threads come from the OpenMP runtime torch has
-loaded (found in ``/proc/self/maps`` and linked by path, so the loader reuses it): torch's OpenMP workers spin for
-a while after each of torch's parallel regions, and threads of our own would share the cores with them (measured:
-27-31 ms against 19 ms per step of the CPU workload's pass). Without such a runtime it uses pthreads. The library
-is cached under
-``$ALTGRAD_LIGHTNING_CACHE`` (default ``$XDG_CACHE_HOME/altgrad_lightning``, else ``~/.cache/altgrad_lightning``)
-by a hash of the source, the compiler and this CPU (in the temporary folder where that cannot be written), and
-written by an atomic rename, so processes started together (DDP ranks, test workers) never load a half-written
-file. Without a working compiler :func:`load` returns ``None``
-with the reason in :func:`unavailable_reason`, and the callback takes the reference path.
+The C file is C99 with GCC/Clang vector extensions (no Python or torch headers), so it builds in a few seconds
+with the system C compiler (``$CC``, which may carry arguments, else ``cc``), tuned to this machine
+(``-march=native``, retried without it), and is loaded with :mod:`ctypes`, whose calls release the GIL.
+
+Threads: the library runs on the OpenMP runtime torch has loaded (found in ``/proc/self/maps``, linked by path so
+that the loader reuses it): torch's OpenMP workers spin for a while after each of torch's parallel regions, and
+threads of our own would share the cores with them (``benchmarks/NOTES.md``, session 6: 20 ms against 30 ms per
+step of the CPU workload's pass). A build is only kept if it loads (``clang -fopenmp`` against GCC's libgomp links
+but does not load, for one), else the next is tried, down to plain pthreads.
+
+Cache: ``$ALTGRAD_LIGHTNING_CACHE``, default ``$XDG_CACHE_HOME/altgrad_lightning`` or
+``~/.cache/altgrad_lightning``; where that cannot be written, a private folder of this user's in the temporary
+folder (created with mode 0700, and used only if this user owns it and nobody else may write it: another user could
+otherwise plant a library there). The file name is a hash of the source, the compiler, this CPU and the OpenMP
+runtime; the file is written by an atomic rename, so processes started together (DDP ranks, test workers) never
+load a half-written one. Without a working compiler :func:`load` returns ``None`` with the reason in
+:func:`unavailable_reason`, and the callers take the reference path.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 __all__ = ["load", "unavailable_reason"]
@@ -32,6 +40,7 @@ _SOURCE = Path(__file__).with_name("_fused_cpu.c")
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 _OMP_NAME = re.compile(r"lib(g|i|)omp[^/]*\.(so|dylib)(\.[0-9]+)*")
 _BASE_FLAGS = ["-std=gnu99", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
@@ -48,43 +57,66 @@ def _cpu_id() -> str:
     return "\n".join(parts)
 
 
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` with mode 0700 if missing; True if it is a real folder of this user's that nobody else may
+    write."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return False
+    mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return stat.S_ISDIR(info.st_mode) and mine and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def _cache_dirs() -> list[Path]:
-    """Where the library is cached: the configured folder, then one of this user's in the temporary folder (for a
-    home that cannot be written)."""
+    """Where the library may be cached: the configured folder, then this user's private one in the temporary folder
+    (for a home that cannot be written), if it is safe (:func:`_private_dir`)."""
     explicit = os.environ.get("ALTGRAD_LIGHTNING_CACHE")
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs = [Path(explicit) if explicit else Path(root) / "altgrad_lightning"]
     user = str(os.getuid()) if hasattr(os, "getuid") else "user"
-    return [Path(explicit) if explicit else Path(root) / "altgrad_lightning",
-            Path(tempfile.gettempdir()) / f"altgrad_lightning-{user}"]  # fmt: skip
+    private = Path(tempfile.gettempdir()) / f"altgrad_lightning-{user}"
+    return dirs + [private] if _private_dir(private) else dirs
 
 
 def _openmp_runtime() -> str | None:
-    """The OpenMP runtime loaded in this process (torch's), or ``None`` (no ``/proc``, or torch without OpenMP)."""
+    """The OpenMP runtime loaded in this process, torch's first (one in torch's folder, else a libgomp), or ``None``
+    (no ``/proc``, or no OpenMP runtime loaded)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+            paths = {line.split()[-1] for line in f if "/" in line}
     except OSError:
         return None
-    found = sorted(p for p in paths if _OMP_NAME.fullmatch(os.path.basename(p)))
-    return found[0] if found else None
+    found = [p for p in paths if _OMP_NAME.fullmatch(os.path.basename(p))]
+    if not found:
+        return None
+    try:
+        import torch
+
+        torch_dir = os.path.dirname(torch.__file__)
+    except ImportError:  # pragma: no cover - the package needs torch
+        torch_dir = "\0"
+    return min(found, key=lambda p: (not p.startswith(torch_dir), "libgomp" not in p, p))
 
 
-def _commands(cc: str, flags: list[str], omp: str | None, out: str) -> list[list[str]]:
+def _commands(cc: list[str], flags: list[str], omp: str | None, out: str) -> list[list[str]]:
     """The compiler commands of one build: with ``omp``, compile with ``-fopenmp`` and link that runtime by path
     (not ``-fopenmp`` at the link, which would add the system's libgomp beside torch's)."""
     if omp is None:
-        return [[cc, *flags, *_BASE_FLAGS, "-o", out, str(_SOURCE)]]
+        return [[*cc, *flags, *_BASE_FLAGS, "-o", out, str(_SOURCE)]]
     obj = out + ".o"
     return [
-        [cc, *flags, *_BASE_FLAGS, "-fopenmp", "-DALTGRAD_OPENMP", "-c", "-o", obj, str(_SOURCE)],
-        [cc, "-shared", "-pthread", "-o", out, obj, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
+        [*cc, *flags, *_BASE_FLAGS, "-fopenmp", "-DALTGRAD_OPENMP", "-c", "-o", obj, str(_SOURCE)],
+        [*cc, "-shared", "-pthread", "-o", out, obj, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
     ]
 
 
-def _compile(cc: str, omp: str | None, target: Path) -> str | None:
-    """Build the library at ``target`` (with OpenMP, then without; with ``-march=native``, then without); ``None``
-    on success, else what the compiler said."""
-    errors = []
+def _build(cc: list[str], omp: str | None, target: Path) -> tuple[ctypes.CDLL | None, list[str]]:
+    """Build the library at ``target`` and load it: with OpenMP, then without; with ``-march=native``, then without.
+    The first build that compiles and loads is renamed into place (atomically) and returned, with the errors of the
+    ones before it. Raises OSError when ``target``'s folder cannot be written."""
+    errors: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     for runtime in dict.fromkeys([omp, None]):
         for flags in _FLAG_SETS:
@@ -92,67 +124,83 @@ def _compile(cc: str, omp: str | None, target: Path) -> str | None:
             os.close(fd)
             try:
                 for cmd in _commands(cc, flags, runtime, tmp):
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    try:
+                        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    except (OSError, subprocess.SubprocessError) as err:
+                        errors.append(f"{shlex.join(cmd)}: {err}")
+                        break
                     if done.returncode != 0:
-                        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+                        errors.append(f"{shlex.join(cmd)}: {done.stderr.strip()[-500:]}")
                         break
                 else:
+                    try:
+                        lib = ctypes.CDLL(tmp)
+                    except OSError as err:  # links but does not load (e.g. an OpenMP ABI the runtime lacks)
+                        errors.append(f"loading the build of {shlex.join(cmd)}: {err}")
+                        continue
                     os.replace(tmp, target)  # atomic: a concurrent process sees no file or the whole new one
-                    return None
-            except (OSError, subprocess.SubprocessError) as err:
-                return f"{cc}: {err}"
+                    return lib, errors
             finally:
                 for leftover in (tmp, tmp + ".o"):
                     if os.path.exists(leftover):
                         os.unlink(leftover)
-    return "; ".join(errors)
+    return None, errors
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled library (built on first use), or ``None`` when it cannot be built or loaded."""
-    global _lib, _reason, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        _reason = "no C compiler found (set $CC, or install gcc or clang)"
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as err:
-        _reason = f"the C compiler {cc!r} does not run: {err}"
-        return None
-    omp = _openmp_runtime()
-    key = hashlib.sha256(
-        "\n".join([_SOURCE.read_text(), cc, version, repr(_FLAG_SETS), repr(_BASE_FLAGS), _cpu_id(), str(omp)]).encode()
-    ).hexdigest()[:24]
-    errors = []
-    for folder in _cache_dirs():
-        target = folder / f"fused_cpu_{key}.so"
-        try:
-            if not target.exists():
-                error = _compile(cc, omp, target)
-                if error is not None:  # the compiler's verdict: no other folder changes it
-                    _reason = f"compiling the CPU pass failed: {error}"
-                    return None
-            lib = ctypes.CDLL(str(target))
-            break
-        except OSError as err:  # a folder that cannot be written, or a file that does not load: the next folder
-            errors.append(f"{target}: {err}")
-    else:
-        _reason = "building or loading the CPU pass failed: " + "; ".join(errors)
-        return None
-    fn = lib.altgrad_fused_pass
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p = ctypes.c_void_p
+    fn = lib.altgrad_fused_pass
     fn.argtypes = [p] * 10 + [ctypes.c_float, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                               ctypes.c_int]  # fmt: skip
     fn.restype = ctypes.c_int
     q = lib.altgrad_quantize
     q.argtypes = [p, p, ctypes.c_int64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
     q.restype = ctypes.c_int
-    _lib = lib
     return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library (built on first use), or ``None`` when it cannot be built or loaded (the reason in
+    :func:`unavailable_reason`). Thread-safe: a second caller waits for the first one's build."""
+    global _lib, _reason, _tried
+    with _lock:
+        if not _tried:
+            _lib, _reason = _load()
+            _tried = True
+        return _lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    cc_env = os.environ.get("CC")
+    cc = shlex.split(cc_env) if cc_env else [c for c in [shutil.which("cc") or shutil.which("gcc")] if c]
+    if not cc:
+        cc = [c for c in [shutil.which("clang")] if c]
+    if not cc:
+        return None, "no C compiler found (set $CC, or install gcc or clang)"
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"the C compiler {shlex.join(cc)!r} does not run: {err}"
+    omp = _openmp_runtime()
+    parts = [_SOURCE.read_text(), shlex.join(cc), version, repr(_FLAG_SETS), repr(_BASE_FLAGS), _cpu_id(), str(omp)]
+    name = f"fused_cpu_{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}.so"
+    problems = []
+    for folder in _cache_dirs():
+        target = folder / name
+        if target.exists():
+            try:
+                return _declare(ctypes.CDLL(str(target))), None
+            except OSError as err:  # a cached file that does not load: build it again below
+                problems.append(f"{target}: {err}")
+        try:
+            lib, errors = _build(cc, omp, target)
+        except OSError as err:  # a folder that cannot be written: the next folder
+            problems.append(f"{target.parent}: {err}")
+            continue
+        if lib is not None:
+            return _declare(lib), None
+        return None, "compiling the CPU pass failed: " + "; ".join(errors)  # no other folder changes the verdict
+    return None, "building or loading the CPU pass failed: " + "; ".join(problems)
 
 
 def unavailable_reason() -> str | None:
