@@ -6,12 +6,13 @@
  * (float32 bit surgery for the grid, float64 for the sums), so the sums equal the reference `_update` functions
  * (counts exactly, float64 sums up to summation order), which tests/test_fused.py checks for both backends.
  *
- * Each chunk is cut into blocks of L elements loaded into small arrays; every per-element loop runs over the L
- * lanes of a block as GCC/Clang vector types, one machine vector of doubles wide, with lane-wise accumulators
- * (SIMD code without reassociation flags: the lanes are separate sums). Threads take chunks from an atomic counter; a chunk's row is written
- * by the one thread that took it, so the result does not depend on the scheduling. The fine ULP histogram is
- * counted per thread (four interleaved copies, so that equal buckets in a row do not wait on each other) and
- * added to the shared one with atomic adds at the end.
+ * Each chunk is cut into blocks of L elements held in GCC/Clang vector types, one machine vector of doubles wide;
+ * every sum has lane-wise accumulators (SIMD code without reassociation flags: the lanes are separate sums). The
+ * `after` pass runs its ULP sums and its flip sums as two loops over the chunk (the second re-reads it from L2),
+ * so that each loop keeps its accumulators in registers. Threads take chunks from an atomic counter, and a chunk's
+ * row is written by the one thread that took it, so the result does not depend on the scheduling. The fine ULP
+ * histogram is counted per thread (four interleaved copies, so that equal buckets in a row do not wait on each
+ * other) and added to the shared one with atomic adds at the end.
  *
  * Compiled by _fused_cpu.py with the system C compiler; C99 with GCC vector extensions, and OpenMP (the runtime
  * torch runs on) or else pthreads for threads; no Python or torch headers.
