@@ -20,6 +20,9 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 /* Lanes per block: one machine vector of doubles (GCC splits wider vectors, but turns comparisons of vectors
  * wider than the machine's into scalar code). */
@@ -68,6 +71,21 @@ INLINE vf self(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 INLINE vi seli(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 INLINE vd seld(vl m, vd a, vd b) { return (vd)(((vl)a & m) | ((vl)b & ~m)); }
 INLINE vl sell(vl m, vl a, vl b) { return (a & m) | (b & ~m); }
+/* Lane-wise min(a, b) = a < b ? a : b and max(a, b) = a > b ? a : b (b where a is NaN): one instruction where the
+ * machine has it (a select costs three: compare, mask, blend). */
+#if defined(__AVX512F__) && L == 8
+INLINE vd vmin(vd a, vd b) { return (vd)_mm512_min_pd((__m512d)a, (__m512d)b); }
+INLINE vd vmax(vd a, vd b) { return (vd)_mm512_max_pd((__m512d)a, (__m512d)b); }
+#elif defined(__AVX__) && L == 4
+INLINE vd vmin(vd a, vd b) { return (vd)_mm256_min_pd((__m256d)a, (__m256d)b); }
+INLINE vd vmax(vd a, vd b) { return (vd)_mm256_max_pd((__m256d)a, (__m256d)b); }
+#elif defined(__SSE2__) && L == 2
+INLINE vd vmin(vd a, vd b) { return (vd)_mm_min_pd((__m128d)a, (__m128d)b); }
+INLINE vd vmax(vd a, vd b) { return (vd)_mm_max_pd((__m128d)a, (__m128d)b); }
+#else
+INLINE vd vmin(vd a, vd b) { return seld(a < b, a, b); }
+INLINE vd vmax(vd a, vd b) { return seld(a > b, a, b); }
+#endif
 INLINE vl wide(vi m) { return CVT(m, vl); } /* a 32-bit mask as a 64-bit one */
 INLINE vi narrow(vl m) { return CVT(m, vi); }
 /* Broadcasts (one instruction; a scalar operand of a vector operation is broadcast). allf and alld are only given
@@ -375,11 +393,10 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
             vi half = toward & (eb > F->emin) & (vi)(((vu)qb & 0x7FFFFFu) == 0u); /* a power of two */
             vd inv_gap = pow2_f64(seli(half, F->m + 1 - eb, F->m - eb));
             vd p = ad * inv_gap;
-            p = seld(p < 1.0, p, alld(1.0));
+            p = vmin(p, alld(1.0));
             vd p_move = (vd)((vl)p & ~wide((qb >= F->fmax) & ~toward));
             vd s = vb + delta;
-            s = seld(s > -F->fmax64, s, alld(-F->fmax64));
-            s = seld(s < F->fmax64, s, alld(F->fmax64));
+            s = vmin(vmax(s, alld(-F->fmax64)), alld(F->fmax64));
             vd e_sr = s - vb, m_near = vw - vb;
             move_s[f] += p_move;
             near_s[f] += m_near * m_near;
