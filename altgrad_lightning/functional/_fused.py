@@ -3,7 +3,7 @@
 The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
 elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
 on must cost next to nothing, so the callback uses two passes instead, as Triton kernels on CUDA and as compiled C
-on the CPU (``_fused_cpu.c``: the same passes, chunk table and partial rows, line for line the same arithmetic):
+on the CPU (``_fused_cpu.c``: the same passes, chunk table, partial rows and arithmetic):
 
 - ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
   ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;

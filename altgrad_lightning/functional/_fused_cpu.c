@@ -2,9 +2,10 @@
  *
  * The same two passes as the Triton kernels, over the same chunk table, writing the same partial-sum rows (one
  * row of float64 columns per chunk, in the column order of _before_columns/_after_columns): `_fused.py` builds,
- * adds and drains them alike for both backends. The element arithmetic is the Triton kernels' line by line
- * (float32 bit surgery for the grid, float64 for the sums), so the sums equal the reference `_update` functions
- * (counts exactly, float64 sums up to summation order), which tests/test_fused.py checks for both backends.
+ * adds and drains them alike for both backends. The element arithmetic is the Triton kernels' (float32 bit surgery
+ * for the grid, float64 for the sums), step for step but for the grid below 2**EMIN, which is formed another exact
+ * way here (see round_raw), so the sums equal the reference `_update` functions (counts exactly, float64 sums up to
+ * summation order), which tests/test_fused.py checks for both backends.
  *
  * Each chunk is cut into blocks of L elements held in GCC/Clang vector types, one machine vector of doubles wide;
  * every sum has lane-wise accumulators (SIMD code without reassociation flags: the lanes are separate sums). The
@@ -41,7 +42,8 @@
 
 typedef struct {
     int32_t emin, eclamp, m, imax;
-    float p2m, fmax, s1, s2, inv_p2m, p2emin; /* inv_p2m = 2**-M, p2emin = 2**EMIN */
+    uint32_t sub_c_bits;
+    float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
     double fmax64;
 } fmt_t;
 
@@ -112,16 +114,18 @@ INLINE vf round_raw(vf a, const fmt_t *F, vi *index) {
     vi idx;
     if (F->m < 23) {
         vi normal = (vi)(bits >= (vu)alli((F->emin + 127) << 23)); /* a >= 2**EMIN: unsigned order of the bits */
-        vf r_normal = (vf)((bits & 0x7FFFFFu) | ((uint32_t)(F->m + 127) << 23));
-        /* Below 2**EMIN the value is n * 2**(EMIN - M), formed as (n * 2**-M) * 2**EMIN with normal factors and
-         * the other lanes zeroed first: no float32 denormal operand or result where the lane is not below 2**EMIN
-         * (2**(EMIN - M) itself is one for bfloat16, and denormals cost x86 a microcode assist per operation). */
-        vf zero = allf(0.0f);
-        vf r = self(normal, r_normal, (self(normal, zero, a) * F->s1) * F->s2);
-        vf t = r + 8388608.0f; /* 2**23 + n: rounds to the nearest integer, ties to even */
-        vu n = (vu)t - 0x4B000000u;
-        vf q_normal = (vf)((bits & 0x7F800000u) - 0x800000u + (n << (23 - F->m)));
-        q = self(normal, q_normal, (self(normal, zero, t - 8388608.0f) * F->inv_p2m) * F->p2emin);
+        /* Above 2**EMIN: the significand moved to [2**M, 2**(M + 1)) by setting its exponent field; adding 2**23
+         * rounds it to the nearest integer n (ties to even) and leaves n in the low bits. */
+        vf t = (vf)((bits & 0x7FFFFFu) | ((uint32_t)(F->m + 127) << 23)) + 8388608.0f;
+        vu n_normal = (vu)t - 0x4B000000u;
+        vf q_normal = (vf)((bits & 0x7F800000u) - 0x800000u + (n_normal << (23 - F->m)));
+        /* Below 2**EMIN the grid is the multiples of 2**(EMIN - M), the spacing of float32 in [C, 2 C) for
+         * C = 2**(EMIN - M + 23): a + C rounds a onto it (ties to even), n is the bits above C's, and no operand is a
+         * float32 denormal unless a is one (2**(EMIN - M) itself is for bfloat16, and denormals cost x86 a
+         * microcode assist per operation). */
+        vf t_sub = a + F->sub_c;
+        vu n = (vu)seli(normal, (vi)n_normal, (vi)((vu)t_sub - F->sub_c_bits));
+        q = self(normal, q_normal, t_sub - F->sub_c);
         idx = (vi)((((bits >> 23) - (uint32_t)(F->emin + 127)) << F->m) & (vu)normal) + (vi)n;
     } else { /* float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23 */
         vi e = imax(floor_log2(a), alli(F->emin));
@@ -504,10 +508,9 @@ static void *worker(void *arg) {
  * 2**(EMIN - M)). */
 static void set_format(fmt_t *F, const double *r) {
     F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
-    F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5]; F->s1 = (float)r[6];
-    F->s2 = (float)r[7];
-    F->inv_p2m = 1.0f / F->p2m; /* exact: a power of two */
-    F->p2emin = u2f_scalar((uint32_t)(F->emin + 127) << 23); /* normal: EMIN >= -126 */
+    F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5];
+    F->sub_c_bits = (uint32_t)(F->emin - F->m + 23 + 127) << 23; /* normal: EMIN >= -126, M <= 23 */
+    F->sub_c = u2f_scalar(F->sub_c_bits);
 }
 
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
