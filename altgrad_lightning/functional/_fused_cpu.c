@@ -155,6 +155,28 @@ INLINE vi ordered(vf x) {
     return seli(bits < 0, -(bits & 0x7FFFFFFF), bits);
 }
 
+/* The snapshot of a block: whole blocks with streaming stores where the machine has them (the snapshot is read
+ * again only after the optimizer step, so it need not pass through the caches, nor be read into them first);
+ * the stores are fenced when a worker finishes (flush_stores). Streaming stores need L * 4-byte alignment, which
+ * whole blocks have (snapshot slices start at multiples of 64 elements, chunks at multiples of CHUNK, and torch
+ * aligns its CPU allocations to 64 bytes); checked anyway, since the snapshot is any torch tensor. */
+INLINE void store_snapshot(float *dst, vf w, int cnt) {
+    const int aligned = ((uintptr_t)dst & (sizeof(vf) - 1)) == 0;
+#if defined(__AVX__) && L == 8
+    if (cnt == L && aligned) { _mm256_stream_ps(dst, (__m256)w); return; }
+#elif defined(__SSE__) && L == 4
+    if (cnt == L && aligned) { _mm_stream_ps(dst, (__m128)w); return; }
+#endif
+    (void)aligned;
+    memcpy(dst, &w, (size_t)cnt * 4);
+}
+
+INLINE void flush_stores(void) {
+#if defined(__SSE__)
+    _mm_sfence();
+#endif
+}
+
 /* A chunk of the table: its parameter's index, its elements [start, end), the parameter's snapshot offset and
  * weights. */
 typedef struct {
@@ -208,7 +230,7 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
         vf w = load_block(J, W, soff, base, cnt);
-        if (J->write_snap) memcpy(J->snap + soff + base, &w, (size_t)cnt * 4);
+        if (J->write_snap) store_snapshot(J->snap + soff + base, w, cnt);
         vf a = vabs(w);
         vi e_raw = floor_log2(a);
         vi wfin = (a < __builtin_inff()) & (lane < cnt); /* false for NaN and inf */
@@ -501,6 +523,7 @@ static void *worker(void *arg) {
         }
     }
     if (count_hist) flush_hist(J, hist);
+    flush_stores();
     return 0;
 }
 
