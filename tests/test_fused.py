@@ -30,11 +30,9 @@ from altgrad_lightning.functional.ulp import _ulp_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
-BACKENDS = [
-    pytest.param("c", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")),
-    pytest.param("triton", marks=needs_triton),
-]
+BACKENDS = [pytest.param("c", marks=needs_cc), pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -255,7 +253,6 @@ def test_unsupported_formats_are_declared():
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 ACCELERATORS = [pytest.param("cpu", marks=needs_cc), pytest.param("gpu", marks=[needs_cuda, needs_triton])]
 
 
