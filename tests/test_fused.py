@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -419,6 +420,7 @@ def test_a_temporary_folder_others_may_write_is_never_used(fresh_loader):
 
 
 @needs_cc
+@pytest.mark.skipif(sys.platform != "linux", reason="builds the stand-in runtime with GNU ld options")
 def test_a_build_that_links_but_does_not_load_falls_back_to_the_next(fresh_loader, monkeypatch):
     """The OpenMP build is linked against the runtime found in the process; if the result does not load (as with
     ``clang -fopenmp`` against GCC's libgomp: a missing symbol), the pthreads build is used instead. Here the
