@@ -460,17 +460,14 @@ class QuantizationMonitor(Callback):
             return cached
         bs = self.block_size
         layout = _MxLayout.whole(shape)
-        cols = layout.cols
-        rows, n_blocks = layout.block_shape(bs)
-        device = p.device
         idx = self._samples.get(id(p))
         if idx is None:
-            counts = torch.full((n_blocks,), bs, dtype=torch.int64, device=device)
-            counts[-1] = cols - (n_blocks - 1) * bs
+            rows, n_blocks = layout.block_shape(bs)
+            counts = torch.full((n_blocks,), bs, dtype=torch.int64, device=p.device)
+            counts[-1] = layout.cols - (n_blocks - 1) * bs
             take = counts.repeat(rows)
         else:
-            i = idx.to(torch.int64)
-            take = (i // cols) * n_blocks + (i % cols) // bs
+            take = layout.block_of(idx, bs)
         self._mx_takes[id(p)] = take
         return take
 
@@ -629,10 +626,8 @@ class QuantizationMonitor(Callback):
         taken: torch.Tensor | None,
     ) -> None:
         layout = self._mx_layout.get(id(p)) or _MxLayout.whole(self._view(p, p.detach()).shape)
-        cols = layout.cols
         rows, n_blocks = layout.block_shape(self.block_size)
-        i = idx.to(torch.int64)
-        block = (layout.row_offset + i // cols) * n_blocks + (layout.col_offset + i % cols) // self.block_size
+        block = layout.block_of(idx, self.block_size)
         counts = torch.stack([updated, stalled], -1).to(torch.float64)
         if taken is not None:
             counts = torch.where(taken, counts, torch.zeros_like(counts))
@@ -1102,6 +1097,12 @@ class _MxLayout:
 
     def block_shape(self, block_size: int) -> tuple[int, int]:
         return self.rows, -(-self.cols // block_size)
+
+    def block_of(self, idx: torch.Tensor, block_size: int) -> torch.Tensor:
+        """The flat (row-major) block number of each of the shard's flat element indices ``idx`` (int64)."""
+        i = idx.to(torch.int64)
+        n_blocks = self.block_shape(block_size)[1]
+        return (self.row_offset + i // self.cols) * n_blocks + (self.col_offset + i % self.cols) // block_size
 
     @staticmethod
     def whole(shape: torch.Size) -> _MxLayout:
