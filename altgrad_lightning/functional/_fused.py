@@ -172,6 +172,16 @@ if HAS_TRITON:
         return (a * tl.where(big, _pow2_f32(1 - e), P2M)) * tl.where(big, P2M * 0.5, _pow2_f32(-e))
 
     @triton.jit
+    def _scaled_count(a, EMIN: tl.constexpr, P2M: tl.constexpr):
+        """The exponent ``e`` of non-negative float32 ``a`` clamped to EMIN, and the nearest-even integer ``n`` (as
+        float32) with ``a ~ n * 2**(e - M)``: the grid value is ``(n / 2**M) * 2**e``."""
+        e = tl.maximum(_floor_log2_f32(a), EMIN)
+        r = _times_pow2(a, P2M, e)  # below 2**(M + 1)
+        # Adding 2**23 rounds r < 2**23 to the nearest integer, ties to even; from 2**23 on (M = 23, a >= 2**EMIN)
+        # r is an integer already.
+        return e, tl.where(r < 8388608.0, (r + 8388608.0) - 8388608.0, r)
+
+    @triton.jit
     def _round_unsaturated(a, EMIN: tl.constexpr, M: tl.constexpr, P2M: tl.constexpr):
         """Nearest-even rounding of non-negative float32 ``a`` onto the format's grid extended past its max (float32;
         inf where the rounding lies past float32's max; NaN stays NaN, inf stays inf).
@@ -180,11 +190,7 @@ if HAS_TRITON:
         (``n * 2**-M`` lies in [0, 2) with M fraction bits, and the final ``* 2**e`` gives the grid value, or inf
         exactly when it lies past float32's max).
         """
-        e = tl.maximum(_floor_log2_f32(a), EMIN)
-        r = _times_pow2(a, P2M, e)  # below 2**(M + 1)
-        # Adding 2**23 rounds r < 2**23 to the nearest integer, ties to even; from 2**23 on (M = 23, a >= 2**EMIN)
-        # r is an integer already.
-        n = tl.where(r < 8388608.0, (r + 8388608.0) - 8388608.0, r)
+        e, n = _scaled_count(a, EMIN, P2M)
         return (n / P2M) * _pow2_f32(e)  # division by a constant power of two: a multiplication
 
     @triton.jit
@@ -253,9 +259,7 @@ if HAS_TRITON:
             q = tl.where(normal, q_normal, (t - 8388608.0) * FMTS[F][8])
             idx = tl.where(normal, ((bits >> 23) - (EMIN + 127)) << M, 0) + n
         else:  # float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23
-            e = tl.maximum(_floor_log2_f32(a), EMIN)
-            r = _times_pow2(a, P2M, e)
-            n = tl.where(r < 8388608.0, (r + 8388608.0) - 8388608.0, r)
+            e, n = _scaled_count(a, EMIN, P2M)
             q = (n / P2M) * _pow2_f32(e)
             idx = ((e - EMIN) << M) + n.to(tl.int32)
         over = idx > IMAX  # q > FMAX
