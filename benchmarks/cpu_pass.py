@@ -53,13 +53,8 @@ DIAGNOSTICS = ("stiffness", "grid", "ulp", "flips")
 
 def build_other(source: Path) -> ctypes.CDLL:
     """Another version of ``_fused_cpu.c``, built as the installed one is (same compiler, flags, runtime)."""
-    original = _fused_cpu._SOURCE
-    _fused_cpu._SOURCE = source.resolve()
-    try:
-        cc = [c for c in [_fused_cpu.shutil.which("cc") or _fused_cpu.shutil.which("gcc")] if c]
-        lib, errors = _fused_cpu._build(cc, _fused_cpu._openmp_runtime(), Path(tempfile.mkdtemp()) / "other.so")
-    finally:
-        _fused_cpu._SOURCE = original
+    target = Path(tempfile.mkdtemp()) / "other.so"
+    lib, errors = _fused_cpu._build(_fused_cpu._compiler(), _fused_cpu._openmp_runtime(), target, source.resolve())
     if lib is None:
         raise SystemExit(f"--ab: {source} does not build: {errors}")
     return _fused_cpu._declare(lib)

@@ -11,7 +11,6 @@ imported) where Triton is installed.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -30,7 +29,7 @@ from altgrad_lightning.functional.stiffness import _gradient_stiffness_update  #
 from altgrad_lightning.functional.ulp import _ulp_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device
-HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+HAS_CC = bool(_fused_cpu._compiler())
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
 BACKENDS = [pytest.param("c", marks=needs_cc), pytest.param("triton", marks=needs_triton)]
@@ -430,14 +429,13 @@ def test_a_build_that_links_but_does_not_load_falls_back_to_the_next(fresh_loade
     stub = fresh_loader / "stub.c"
     stub.write_text("int altgrad_stub;\n")
     bogus = fresh_loader / "libgomp-bogus.so"
-    cc = _fused_cpu.shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "clang")
-    subprocess.run([*cc, "-shared", "-fPIC", "-o", str(bogus), str(stub), "-Wl,-soname,libaltgrad-absent.so"],
-                   check=True)  # fmt: skip
+    soname = "-Wl,-soname,libaltgrad-absent.so"
+    subprocess.run([*_fused_cpu._compiler(), "-shared", "-fPIC", "-o", str(bogus), str(stub), soname], check=True)
     monkeypatch.setattr(_fused_cpu, "_openmp_runtime", lambda: str(bogus))
     commands = _fused_cpu._commands
 
-    def recording_the_runtime(cc, flags, omp, out):  # keep the runtime's name in the library (no --as-needed)
-        cmds = commands(cc, flags, omp, out)
+    def recording_the_runtime(cc, flags, omp, out, source):  # keep the runtime's name in the library (no --as-needed)
+        cmds = commands(cc, flags, omp, out, source)
         return cmds if omp is None else [cmds[0], [*cmds[1][:-2], "-Wl,--no-as-needed", *cmds[1][-2:]]]
 
     monkeypatch.setattr(_fused_cpu, "_commands", recording_the_runtime)
@@ -456,8 +454,7 @@ def test_the_loader_takes_cc_with_arguments_and_callers_in_threads(fresh_loader,
     one build and get it (neither sees None while it builds)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "clang"
-    monkeypatch.setenv("CC", f"env {compiler}")
+    monkeypatch.setenv("CC", f"env {_fused_cpu.shlex.join(_fused_cpu._compiler())}")
     with ThreadPoolExecutor(2) as pool:
         libs = list(pool.map(lambda _: _fused_cpu.load(), range(2)))
     assert libs[0] is not None and libs[0] is libs[1], _fused_cpu.unavailable_reason()

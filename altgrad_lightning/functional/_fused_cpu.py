@@ -100,20 +100,33 @@ def _openmp_runtime() -> str | None:
     return min(found, key=lambda p: (not p.startswith(torch_dir), "libgomp" not in p, p))
 
 
-def _commands(cc: list[str], flags: list[str], omp: str | None, out: str) -> list[list[str]]:
-    """The compiler commands of one build: with ``omp``, compile with ``-fopenmp`` and link that runtime by path
-    (not ``-fopenmp`` at the link, which would add the system's libgomp beside torch's)."""
+def _compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (which may carry arguments, e.g. "ccache gcc"), else ``cc``, ``gcc`` or
+    ``clang`` from the PATH; empty if there is none."""
+    cc_env = os.environ.get("CC")
+    if cc_env:
+        return shlex.split(cc_env)
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else []
+
+
+def _commands(cc: list[str], flags: list[str], omp: str | None, out: str, source: Path) -> list[list[str]]:
+    """The compiler commands of one build of ``source``: with ``omp``, compile with ``-fopenmp`` and link that
+    runtime by path (not ``-fopenmp`` at the link, which would add the system's libgomp beside torch's)."""
     if omp is None:
-        return [[*cc, *flags, *_BASE_FLAGS, "-o", out, str(_SOURCE)]]
+        return [[*cc, *flags, *_BASE_FLAGS, "-o", out, str(source)]]
     obj = out + ".o"
     return [
-        [*cc, *flags, *_BASE_FLAGS, "-fopenmp", "-DALTGRAD_OPENMP", "-c", "-o", obj, str(_SOURCE)],
+        [*cc, *flags, *_BASE_FLAGS, "-fopenmp", "-DALTGRAD_OPENMP", "-c", "-o", obj, str(source)],
         [*cc, "-shared", "-pthread", "-o", out, obj, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
     ]
 
 
-def _build(cc: list[str], omp: str | None, target: Path) -> tuple[ctypes.CDLL | None, list[str]]:
-    """Build the library at ``target`` and load it: with OpenMP, then without; with ``-march=native``, then without.
+def _build(
+    cc: list[str], omp: str | None, target: Path, source: Path = _SOURCE
+) -> tuple[ctypes.CDLL | None, list[str]]:
+    """Build ``source`` into the library at ``target`` and load it: with OpenMP, then without; with
+    ``-march=native``, then without.
     The first build that compiles and loads is renamed into place (atomically) and returned, with the errors of the
     ones before it. Raises OSError when ``target``'s folder cannot be written."""
     errors: list[str] = []
@@ -123,7 +136,7 @@ def _build(cc: list[str], omp: str | None, target: Path) -> tuple[ctypes.CDLL | 
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                for cmd in _commands(cc, flags, runtime, tmp):
+                for cmd in _commands(cc, flags, runtime, tmp, source):
                     try:
                         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                     except (OSError, subprocess.SubprocessError) as err:
@@ -171,10 +184,7 @@ def load() -> ctypes.CDLL | None:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    cc_env = os.environ.get("CC")
-    cc = shlex.split(cc_env) if cc_env else [c for c in [shutil.which("cc") or shutil.which("gcc")] if c]
-    if not cc:
-        cc = [c for c in [shutil.which("clang")] if c]
+    cc = _compiler()
     if not cc:
         return None, "no C compiler found (set $CC, or install gcc or clang)"
     try:
