@@ -80,6 +80,7 @@ class _Launch(NamedTuple):
     cols: list[_Column]  # its partial-row columns, in kernel order
     fmts: tuple[tuple[int, int, int, float, float, int, float, float, float], ...]  # _format_constants per format
     max_cols: list[int]  # the indices of its maximum columns
+    stall_cols: list[tuple[int, int]]  # per format, the indices of n_updated and n_stall ("after" with flips)
 
 
 def _before_columns(do_stiff: bool, do_grid: bool, nf: int) -> list[_Column]:
@@ -711,6 +712,11 @@ class FusedPass:
                     cols,
                     tuple(_format_constants(f) for f in group),
                     [j for j, c in enumerate(cols) if c[2] in _MAX_COLS],
+                    [
+                        (cols.index(("flips", None, "n_updated")), cols.index(("flips", f, "n_stall")))
+                        for f in range(len(group))
+                        if ("flips", f, "n_stall") in cols
+                    ],
                 )
                 for gi, group in enumerate(self._groups[phase])
                 for cols in [
@@ -815,10 +821,9 @@ class FusedPass:
                 self._hist += torch.where(taken, hist, 0)
             self._add(("after", gi), launch, part, taken)
             if do_flips and self.per_parameter_stalls:
-                updated = cols.index(("flips", None, "n_updated"))
-                for f, fmt in enumerate(group):
+                for fmt, (updated, stalled) in zip(group, launch.stall_cols, strict=True):
                     # Single-column views (a list index would upload an index tensor: a host synchronisation).
-                    rows = torch.stack((part[:, updated], part[:, cols.index(("flips", f, "n_stall"))]), 1)
+                    rows = torch.stack((part[:, updated], part[:, stalled]), 1)
                     rows = rows if taken is None else torch.where(taken, rows, 0.0)
                     if fmt.name not in self._stalls:
                         self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
@@ -838,7 +843,7 @@ class FusedPass:
         assert self._lib is not None
         fmts = self._c_formats.get(launch.fmts)
         if fmts is None:
-            fmts = self._c_formats[launch.fmts] = torch.tensor(launch.fmts or [[0.0] * 9], dtype=torch.float64)
+            fmts = self._c_formats[launch.fmts] = torch.tensor(launch.fmts, dtype=torch.float64)
         flag_t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
         scale = float(gscale) if flags[1] and gscale is not None else 1.0
         rc = self._lib.altgrad_fused_pass(
