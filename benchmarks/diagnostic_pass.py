@@ -135,7 +135,7 @@ def main() -> int:
     ap.add_argument("--groups", action="store_true", help="time formats per launch (before/after) alternatives")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("needs CUDA (the fast path is CUDA-only)")
+        print("needs CUDA (on the CPU: benchmarks/cpu_pass.py)")
         return 2
     dev = torch.device("cuda")
     d, layers = (256, 4) if args.small else (768, 12)
