@@ -58,6 +58,12 @@ def header_lines(device: torch.device) -> list[str]:
     ]
     if device.type == "cuda":
         lines.append(f"- CUDA {torch.version.cuda}, driver-visible GPUs: {torch.cuda.device_count()}")
+    else:
+        from altgrad_lightning.functional import _fused_cpu
+
+        lib = _fused_cpu.load()
+        built = _fused_cpu.describe(lib) if lib is not None else f"unavailable ({_fused_cpu.unavailable_reason()})"
+        lines.append(f"- C backend of the fast path: {built}")
     return lines
 
 

@@ -32,15 +32,42 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device
 HAS_CC = bool(_fused_cpu._compiler())
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
-BACKENDS = [pytest.param("c", marks=needs_cc), pytest.param("triton", marks=needs_triton)]
+BACKENDS = [
+    pytest.param("c", marks=needs_cc),
+    pytest.param("c-generic", marks=needs_cc),
+    pytest.param("triton", marks=needs_triton),
+]
+
+
+@pytest.fixture(scope="session")
+def generic_c_library(tmp_path_factory):
+    """The C backend built without AVX-512: its generic vector code (4 lanes with AVX, 2 with SSE2), which
+    machines without AVX-512 run. Skips where the installed build is that code already."""
+    native = _fused_cpu.load()
+    assert native is not None, _fused_cpu.unavailable_reason()
+    if "AVX-512" not in _fused_cpu.describe(native):
+        pytest.skip(f"the installed build runs the generic code already ({_fused_cpu.describe(native)})")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fused_cpu, "_FLAG_SETS", (["-O3", "-march=native", "-mno-avx512f"],))
+        target = tmp_path_factory.mktemp("generic") / "fused_cpu_generic.so"
+        lib, errors = _fused_cpu._build(_fused_cpu._compiler(), _fused_cpu._openmp_runtime(), target)
+    assert lib is not None, errors
+    lib = _fused_cpu._declare(lib)
+    assert "generic" in _fused_cpu.describe(lib), _fused_cpu.describe(lib)
+    return lib
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
-    """``(backend, device)``: every test below runs the C backend on the CPU and Triton on its device."""
+def backend(request, monkeypatch):
+    """``(backend, device)``: every test below runs the C backend on the CPU (as built for this machine, and, on
+    a machine with AVX-512, also built without it) and Triton on its device."""
     if request.param == "c":
         # A compiler is here: the backend must build (a failure to build is a failure, not a skip).
         assert _fused_cpu.load() is not None, _fused_cpu.unavailable_reason()
+        return "c", "cpu"
+    if request.param == "c-generic":
+        monkeypatch.setattr(_fused_cpu, "_lib", request.getfixturevalue("generic_c_library"))
+        monkeypatch.setattr(_fused_cpu, "_tried", True)
         return "c", "cpu"
     return "triton", DEVICE
 

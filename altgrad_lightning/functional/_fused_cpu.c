@@ -149,6 +149,46 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
     return self(over, allf(F->fmax), q);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && L == 8
+/* With AVX-512 the hottest loop (flips) is written with intrinsics: comparisons stay in mask registers and selects
+ * are single masked instructions, where GCC's lowering of the generic vector code above materialises every mask
+ * as a vector and splits the int32 -> int64 and float -> double conversions in halves (measured: 343 instructions
+ * per block of 8 elements before, see benchmarks/NOTES.md). The arithmetic is the generic code's, operation for
+ * operation; tests/test_fused.py checks both builds against the reference. */
+#define ALTGRAD_AVX512 1
+typedef __m256i k8i; /* 8 int32 lanes */
+INLINE __m256i set1i(int32_t x) { return _mm256_set1_epi32(x); }
+
+/* round_index (saturated nearest-even grid value and index of non-negative float32 lanes), with masks. */
+INLINE __m256 round_index_k(__m256 a, const fmt_t *F, __m256i *index) {
+    if (F->m >= 23) { /* float32's own significand width: the generic code (rare formats) */
+        vi ix;
+        vf q = round_index((vf)a, F, &ix);
+        *index = (__m256i)ix;
+        return (__m256)q;
+    }
+    const __m256i bits = _mm256_castps_si256(a);
+    const __mmask8 normal = _mm256_cmpge_epu32_mask(bits, set1i((F->emin + 127) << 23));
+    const __m256 t = _mm256_add_ps(
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, set1i(0x7FFFFF)), set1i((F->m + 127) << 23))),
+        _mm256_set1_ps(8388608.0f));
+    const __m256i n_normal = _mm256_sub_epi32(_mm256_castps_si256(t), set1i(0x4B000000));
+    const __m256i q_normal = _mm256_add_epi32(_mm256_sub_epi32(_mm256_and_si256(bits, set1i(0x7F800000)), set1i(0x800000)),
+                                              _mm256_sll_epi32(n_normal, _mm_cvtsi32_si128(23 - F->m)));
+    const __m256 t_sub = _mm256_add_ps(a, _mm256_set1_ps(F->sub_c));
+    const __m256i n = _mm256_mask_blend_epi32(
+        normal, _mm256_sub_epi32(_mm256_castps_si256(t_sub), set1i((int32_t)F->sub_c_bits)), n_normal);
+    const __m256 q = _mm256_mask_blend_ps(normal, _mm256_sub_ps(t_sub, _mm256_set1_ps(F->sub_c)),
+                                          _mm256_castsi256_ps(q_normal));
+    const __m256i e = _mm256_maskz_sll_epi32(normal, _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), set1i(F->emin + 127)),
+                                             _mm_cvtsi32_si128(F->m));
+    const __m256i idx = _mm256_add_epi32(e, n);
+    const __mmask8 over = _mm256_cmpgt_epi32_mask(idx, set1i(F->imax));
+    *index = _mm256_mask_blend_epi32(over, idx, set1i(F->imax));
+    return _mm256_mask_blend_ps(over, q, _mm256_set1_ps(F->fmax));
+}
+#endif
+
 /* float32 bits to order-preserving int32 lanes (-0 and +0 both 0). */
 INLINE vi ordered(vf x) {
     vi bits = (vi)x;
@@ -341,14 +381,13 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
         u_sum += CVT(d, vl);
         u_max = (vu)seli((vi)(d > u_max), (vi)d, (vi)u_max);
         if (J->do_hist) {
-            /* Bucket 1 + 16 k + s of d >= 1: k = floor(log2 d) (from d's float32 exponent, which may round up
-             * to the next power of two: corrected), s the four bits below the leading one. */
-            vu d1 = (vu)seli(moved, (vi)d, alli(1)); /* d >= 1 in every lane: shift counts stay in 0..31 */
-            vi k = floor_log2(CVT(d1, vf));
-            k -= narrow((CVT(d1, vl) >> CVT(k, vl)) == 0) & 1; /* in 64 bits: k may be 32 before this */
-            vi top = narrow((CVT(d1, vl) << 4) >> CVT(k, vl)); /* 16 + s */
-            /* Unmoved (and invalid) elements go to bucket 0, which the caller overwrites with n_zero: no branch. */
-            vi bucket = (16 * k + top - 15) & moved;
+            /* Bucket 1 + 16 k + s of d >= 1 (k = floor(log2 d), s the four bits below the leading one): the
+             * exponent field and the top four significand bits of d as a float32, exact while the conversion is
+             * (d < 2**24); d >= 2**24 is shifted right by 8 first (same leading five bits, 8 octaves lower).
+             * Unmoved (and invalid) elements go to bucket 0, which the caller overwrites with n_zero: no branch. */
+            vi big = (vi)(d >= (vu)alli(1 << 24));
+            vi dd = (vi)(d >> ((vu)big & 8u));
+            vi bucket = (((vi)CVT(dd, vf) >> 19) - (16 * 127 - 1) + (big & 128)) & moved;
             for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;
         }
     }
@@ -378,6 +417,68 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         steps_s[f] = CVT(alli(0), vl);
         move_s[f] = near_s[f] = sr_s[f] = zd;
     }
+#ifdef ALTGRAD_AVX512
+    const __m256i one = set1i(1), zi = _mm256_setzero_si256();
+    const __m256 inf = _mm256_set1_ps(__builtin_inff()), zf = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256 absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        const __mmask8 inb = (__mmask8)((1u << cnt) - 1);
+        const __m256 b = _mm256_maskz_loadu_ps(inb, J->snap + soff + base); /* masked lanes are not read */
+        const __m256 w = J->sampled ? (__m256)load_block(J, W, soff, base, cnt) : _mm256_maskz_loadu_ps(inb, W + base);
+        const __m256 ab = _mm256_and_ps(b, absm), aw = _mm256_and_ps(w, absm);
+        const __mmask8 valid = _mm256_mask_cmp_ps_mask(_mm256_mask_cmp_ps_mask(inb, ab, inf, _CMP_LT_OQ), aw, inf,
+                                                       _CMP_LT_OQ);
+        u_valid = (vi)_mm256_mask_add_epi32((__m256i)u_valid, valid, (__m256i)u_valid, one);
+        const __mmask8 updated = _mm256_mask_cmp_ps_mask(valid, w, b, _CMP_NEQ_OQ);
+        f_upd = (vi)_mm256_mask_add_epi32((__m256i)f_upd, updated, (__m256i)f_upd, one);
+        const __m512d delta = _mm512_maskz_sub_pd(updated, _mm512_cvtps_pd(w), _mm512_cvtps_pd(b)); /* exact */
+        f_dd += (vd)_mm512_mul_pd(delta, delta);
+        const __mmask8 b_neg = _mm256_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm256_cmp_ps_mask(w, zf, _CMP_LT_OQ);
+        const __mmask8 toward_sign = (_mm256_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg) & 0xFF;
+        const __m256 b_sign = _mm256_maskz_mov_ps(b_neg, sign), w_sign = _mm256_maskz_mov_ps(w_neg, sign);
+        const __m512d ad = _mm512_abs_pd(delta);
+        for (int f = 0; f < nf; f++) {
+            const fmt_t *F = &J->f[f];
+            __m256i ib, iw;
+            const __m256 qb = round_index_k(ab, F, &ib);
+            const __m256 qw = round_index_k(aw, F, &iw);
+            const __m256i sw = _mm256_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm256_mask_sub_epi32(ib, b_neg, zi, ib);
+            __mmask8 moved;
+            if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX fits int32: widened once, for the sum */
+                const __m256i steps = _mm256_maskz_abs_epi32(valid, _mm256_sub_epi32(sw, sb));
+                moved = _mm256_test_epi32_mask(steps, steps);
+                steps_s[f] += (vl)_mm512_cvtepu32_epi64(steps);
+            } else {
+                const __m512i steps = _mm512_maskz_abs_epi64(
+                    valid, _mm512_sub_epi64(_mm512_cvtepi32_epi64(sw), _mm512_cvtepi32_epi64(sb)));
+                moved = _mm512_test_epi64_mask(steps, steps);
+                steps_s[f] += (vl)steps;
+            }
+            flip[f] = (vi)_mm256_mask_add_epi32((__m256i)flip[f], moved, (__m256i)flip[f], one);
+            stall[f] = (vi)_mm256_mask_add_epi32((__m256i)stall[f], updated & ~moved, (__m256i)stall[f], one);
+            /* Stochastic-rounding what-if, as in the generic code below. */
+            const __m512d vb = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qb, b_sign));
+            const __m512d vw = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qw, w_sign));
+            const __m256i qbits = _mm256_castps_si256(qb);
+            const __m256i ebb = _mm256_max_epi32(_mm256_srli_epi32(qbits, 23), set1i(F->emin + 127)); /* eb + 127 */
+            const __mmask8 toward = _mm256_mask_cmp_ps_mask(toward_sign, qb, zf, _CMP_NEQ_OQ);
+            const __mmask8 half = _mm256_mask_testn_epi32_mask(_mm256_mask_cmpgt_epi32_mask(toward, ebb,
+                                                                   set1i(F->emin + 127)), qbits, set1i(0x7FFFFF));
+            const __m256i field = _mm256_mask_add_epi32(set1i(1150 + F->m), half, set1i(1151 + F->m), zi);
+            const __m512d inv_gap = _mm512_castsi512_pd(
+                _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm256_sub_epi32(field, ebb)), 52)); /* 2**(M(+1) - eb) */
+            const __m512d p = _mm512_min_pd(_mm512_mul_pd(ad, inv_gap), _mm512_set1_pd(1.0));
+            const __mmask8 stuck = _mm256_cmp_ps_mask(qb, _mm256_set1_ps(F->fmax), _CMP_GE_OQ) & ~toward;
+            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], ~stuck, (__m512d)move_s[f], p);
+            const __m512d s = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb, delta), _mm512_set1_pd(-F->fmax64)),
+                                            _mm512_set1_pd(F->fmax64));
+            const __m512d e_sr = _mm512_sub_pd(s, vb), m_near = _mm512_sub_pd(vw, vb);
+            near_s[f] += (vd)_mm512_mul_pd(m_near, m_near);
+            sr_s[f] += (vd)_mm512_mul_pd(e_sr, e_sr);
+        }
+    }
+#else
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
         vf b, w;
@@ -429,6 +530,7 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
             sr_s[f] += e_sr * e_sr;
         }
     }
+#endif
     double *row = J->part + c * J->ncols;
     if (count_valid) {
         double v = 0;
@@ -557,6 +659,15 @@ int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t
     if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
     run_parallel(worker, &arg, threads);
     return 0;
+}
+
+/* What this build runs: its lanes per block, plus 256 where the AVX-512 intrinsics path is compiled in. */
+int altgrad_build_info(void) {
+#ifdef ALTGRAD_AVX512
+    return L + 256;
+#else
+    return L;
+#endif
 }
 
 #define QBLOCK 16384
