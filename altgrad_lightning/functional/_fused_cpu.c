@@ -156,7 +156,6 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
  * per block of 8 elements before, see benchmarks/NOTES.md). The arithmetic is the generic code's, operation for
  * operation; tests/test_fused.py checks both builds against the reference. */
 #define ALTGRAD_AVX512 1
-typedef __m256i k8i; /* 8 int32 lanes */
 INLINE __m256i set1i(int32_t x) { return _mm256_set1_epi32(x); }
 
 /* round_index (saturated nearest-even grid value and index of non-negative float32 lanes), with masks. */
@@ -248,6 +247,24 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
     return out;
 }
 
+#ifdef ALTGRAD_AVX512
+INLINE __mmask8 first_lanes(int cnt) { return (__mmask8)((1u << cnt) - 1); }
+INLINE __m256i count_lanes(__m256i acc, __mmask8 m) { return _mm256_mask_sub_epi32(acc, m, acc, set1i(-1)); }
+/* load_block with a masked load (the lanes past the chunk are not read). */
+INLINE __m256 load_k(const job_t *J, const float *src, int64_t soff, int64_t base, int cnt) {
+    return J->sampled ? (__m256)load_block(J, src, soff, base, cnt) : _mm256_maskz_loadu_ps(first_lanes(cnt), src + base);
+}
+/* after_block with masks. */
+INLINE __mmask8 after_block_k(const job_t *J, const float *W, int64_t soff, int64_t base, int cnt, __m256 *b,
+                              __m256 *w) {
+    const __m256 inf = _mm256_set1_ps(__builtin_inff()), absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
+    *b = _mm256_maskz_loadu_ps(first_lanes(cnt), J->snap + soff + base);
+    *w = load_k(J, W, soff, base, cnt);
+    const __mmask8 fin_b = _mm256_mask_cmp_ps_mask(first_lanes(cnt), _mm256_and_ps(*b, absm), inf, _CMP_LT_OQ);
+    return _mm256_mask_cmp_ps_mask(fin_b, _mm256_and_ps(*w, absm), inf, _CMP_LT_OQ);
+}
+#endif
+
 /* One chunk's stiffness and grid sums (and its snapshot), for nf formats: called with a constant nf (see
  * before_chunk), so that the format loop unrolls and the accumulators stay in registers. */
 INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
@@ -255,7 +272,6 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
     const int64_t start = S.start, end = S.end, soff = S.soff;
     const float *W = S.w;
     const float *G = J->do_stiff ? (const float *)(intptr_t)J->g_tab[S.t] : 0;
-    const vi lane = lanes();
     const vd zd = alld(0.0);
     vi s_valid = alli(0), s_zero = alli(0), r_valid = alli(0);
     vd s_x = zd, s_xx = zd;
@@ -267,6 +283,63 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
         ratio_s[f] = y_s[f] = yy_s[f] = xy_s[f] = err_s[f] = err2_s[f] = zd;
         err_max[f] = allf(0.0f);
     }
+#ifdef ALTGRAD_AVX512
+    const __m256 inf = _mm256_set1_ps(__builtin_inff()), zf = _mm256_setzero_ps();
+    const __m256 absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        const __m256 w = load_k(J, W, soff, base, cnt);
+        if (J->write_snap) store_snapshot(J->snap + soff + base, (vf)w, cnt);
+        const __m256 a = _mm256_and_ps(w, absm);
+        const __m256i e_raw = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23), set1i(127));
+        const __mmask8 wfin = _mm256_mask_cmp_ps_mask(first_lanes(cnt), a, inf, _CMP_LT_OQ); /* not NaN, inf */
+        __mmask8 valid = 0;
+        __m512d x = _mm512_setzero_pd();
+        if (J->do_stiff) {
+            __m256 g = load_k(J, G, soff, base, cnt);
+            if (J->has_gscale) g = _mm256_div_ps(g, _mm256_set1_ps(J->gscale));
+            const __m256 xa = _mm256_and_ps(g, absm);
+            const __mmask8 ok = _mm256_mask_cmp_ps_mask(wfin, xa, inf, _CMP_LT_OQ);
+            valid = _mm256_mask_cmp_ps_mask(ok, a, zf, _CMP_NEQ_OQ);
+            x = _mm512_cvtps_pd(_mm256_maskz_mov_ps(valid, xa));
+            s_valid = (vi)count_lanes((__m256i)s_valid, valid);
+            s_zero = (vi)count_lanes((__m256i)s_zero, ok & ~valid);
+            s_x += (vd)x;
+            s_xx += (vd)_mm512_mul_pd(x, x);
+        }
+        if (J->do_grid) r_valid = (vi)count_lanes((__m256i)r_valid, wfin);
+        for (int f = 0; f < nf; f++) {
+            const fmt_t *F = &J->f[f];
+            if (J->do_stiff) {
+                const __m256i e = _mm256_min_epi32(_mm256_max_epi32(e_raw, set1i(F->emin)), set1i(F->eclamp));
+                const __m512d y = _mm512_castsi512_pd(_mm512_maskz_slli_epi64(
+                    valid, _mm512_cvtepi32_epi64(_mm256_add_epi32(e, set1i(1023 - F->m))), 52)); /* S, 0 if not valid */
+                const __m512d ratio = _mm512_mul_pd(x, _mm512_castsi512_pd(_mm512_slli_epi64(
+                    _mm512_cvtepi32_epi64(_mm256_sub_epi32(set1i(1023 + F->m), e)), 52))); /* |g| / S exactly */
+                below[f] = (vi)count_lanes((__m256i)below[f], _mm512_cmp_pd_mask(x, y, _CMP_LT_OQ));
+                ratio_s[f] += (vd)ratio;
+                y_s[f] += (vd)y;
+                yy_s[f] += (vd)_mm512_mul_pd(y, y);
+                xy_s[f] += (vd)_mm512_mul_pd(x, y);
+            }
+            if (J->do_grid) {
+                __m256i ix;
+                const __m256 q = round_index_k(a, F, &ix);
+                const __m256 err = _mm256_maskz_and_ps(wfin, _mm256_sub_ps(a, q), absm); /* |w - copysign(q, w)| */
+                const __m512d err64 = _mm512_cvtps_pd(err);
+                on[f] = (vi)count_lanes((__m256i)on[f], _mm256_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
+                over[f] = (vi)count_lanes((__m256i)over[f],
+                                          _mm256_mask_cmp_ps_mask(wfin, a, _mm256_set1_ps(F->fmax), _CMP_GT_OQ));
+                under[f] = (vi)count_lanes((__m256i)under[f], _mm256_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) &
+                                                                  _mm256_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
+                err_s[f] += (vd)err64;
+                err2_s[f] += (vd)_mm512_mul_pd(err64, err64);
+                err_max[f] = (vf)_mm256_max_ps(err, (__m256)err_max[f]);
+            }
+        }
+    }
+#else
+    const vi lane = lanes();
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
         vf w = load_block(J, W, soff, base, cnt);
@@ -316,6 +389,7 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             }
         }
     }
+#endif
     double *row = J->part + c * J->ncols;
     int col = 0;
     if (J->do_stiff) {
@@ -368,6 +442,34 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     vi u_valid = alli(0), u_zero = alli(0);
     vl u_sum = CVT(alli(0), vl);
     vu u_max = (vu)alli(0);
+#ifdef ALTGRAD_AVX512
+    for (int64_t base = start; base < end; base += L) {
+        const int cnt = end - base < L ? (int)(end - base) : L;
+        __m256 bf, wf;
+        const __mmask8 valid = after_block_k(J, W, soff, base, cnt, &bf, &wf);
+        u_valid = (vi)count_lanes((__m256i)u_valid, valid);
+        const __m256i b = _mm256_castps_si256(bf), w = _mm256_castps_si256(wf), zi = _mm256_setzero_si256();
+        const __m256i mag = set1i(0x7FFFFFFF);
+        const __m256i kb = _mm256_mask_sub_epi32(b, _mm256_movepi32_mask(b), zi, _mm256_and_si256(b, mag));
+        const __m256i kw = _mm256_mask_sub_epi32(w, _mm256_movepi32_mask(w), zi, _mm256_and_si256(w, mag));
+        const __mmask8 ge = _mm256_cmpge_epi32_mask(kw, kb);
+        const __m256i d = _mm256_maskz_mov_epi32(valid, _mm256_mask_sub_epi32(_mm256_sub_epi32(kb, kw), ge, kw, kb));
+        const __mmask8 moved = _mm256_test_epi32_mask(d, d);
+        u_zero = (vi)count_lanes((__m256i)u_zero, valid & ~moved);
+        u_sum += (vl)_mm512_cvtepu32_epi64(d);
+        u_max = (vu)_mm256_max_epu32(d, (__m256i)u_max);
+        if (J->do_hist) { /* the generic code's bucket, below */
+            const __mmask8 big = _mm256_cmpge_epu32_mask(d, set1i(1 << 24));
+            const __m256i dd = _mm256_mask_srli_epi32(d, big, d, 8);
+            const __m256i top = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(dd)), 19),
+                                                 set1i(16 * 127 - 1));
+            int32_t bucket[L];
+            _mm256_storeu_si256((__m256i *)bucket, _mm256_maskz_mov_epi32(moved, _mm256_mask_add_epi32(top, big, top,
+                                                                                                    set1i(128))));
+            for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;
+        }
+    }
+#else
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
         vf b, w;
@@ -391,6 +493,7 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
             for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;
         }
     }
+#endif
     double *row = J->part + c * J->ncols;
     double v = 0, z = 0;
     uint32_t mx = 0;
@@ -418,20 +521,17 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         move_s[f] = near_s[f] = sr_s[f] = zd;
     }
 #ifdef ALTGRAD_AVX512
-    const __m256i one = set1i(1), zi = _mm256_setzero_si256();
-    const __m256 inf = _mm256_set1_ps(__builtin_inff()), zf = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256i zi = _mm256_setzero_si256();
+    const __m256 zf = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
     const __m256 absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
-        const __mmask8 inb = (__mmask8)((1u << cnt) - 1);
-        const __m256 b = _mm256_maskz_loadu_ps(inb, J->snap + soff + base); /* masked lanes are not read */
-        const __m256 w = J->sampled ? (__m256)load_block(J, W, soff, base, cnt) : _mm256_maskz_loadu_ps(inb, W + base);
+        __m256 b, w;
+        const __mmask8 valid = after_block_k(J, W, soff, base, cnt, &b, &w);
         const __m256 ab = _mm256_and_ps(b, absm), aw = _mm256_and_ps(w, absm);
-        const __mmask8 valid = _mm256_mask_cmp_ps_mask(_mm256_mask_cmp_ps_mask(inb, ab, inf, _CMP_LT_OQ), aw, inf,
-                                                       _CMP_LT_OQ);
-        u_valid = (vi)_mm256_mask_add_epi32((__m256i)u_valid, valid, (__m256i)u_valid, one);
+        u_valid = (vi)count_lanes((__m256i)u_valid, valid);
         const __mmask8 updated = _mm256_mask_cmp_ps_mask(valid, w, b, _CMP_NEQ_OQ);
-        f_upd = (vi)_mm256_mask_add_epi32((__m256i)f_upd, updated, (__m256i)f_upd, one);
+        f_upd = (vi)count_lanes((__m256i)f_upd, updated);
         const __m512d delta = _mm512_maskz_sub_pd(updated, _mm512_cvtps_pd(w), _mm512_cvtps_pd(b)); /* exact */
         f_dd += (vd)_mm512_mul_pd(delta, delta);
         const __mmask8 b_neg = _mm256_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm256_cmp_ps_mask(w, zf, _CMP_LT_OQ);
@@ -455,8 +555,8 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
                 moved = _mm512_test_epi64_mask(steps, steps);
                 steps_s[f] += (vl)steps;
             }
-            flip[f] = (vi)_mm256_mask_add_epi32((__m256i)flip[f], moved, (__m256i)flip[f], one);
-            stall[f] = (vi)_mm256_mask_add_epi32((__m256i)stall[f], updated & ~moved, (__m256i)stall[f], one);
+            flip[f] = (vi)count_lanes((__m256i)flip[f], moved);
+            stall[f] = (vi)count_lanes((__m256i)stall[f], updated & ~moved);
             /* Stochastic-rounding what-if, as in the generic code below. */
             const __m512d vb = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qb, b_sign));
             const __m512d vw = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qw, w_sign));

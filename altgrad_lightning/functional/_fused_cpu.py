@@ -169,15 +169,20 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     q = lib.altgrad_quantize
     q.argtypes = [p, p, ctypes.c_int64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
     q.restype = ctypes.c_int
-    lib.altgrad_build_info.argtypes = []
-    lib.altgrad_build_info.restype = ctypes.c_int
+    info = getattr(lib, "altgrad_build_info", None)  # missing in sources before 2026-11-27 (cpu_pass.py --ab)
+    if info is not None:
+        info.argtypes = []
+        info.restype = ctypes.c_int
     return lib
 
 
 def describe(lib: ctypes.CDLL) -> str:
     """What a build of the CPU pass runs, e.g. ``"8 lanes, AVX-512 intrinsics"`` (for benchmark headers)."""
-    info = lib.altgrad_build_info()
-    return f"{info & 255} lanes" + (", AVX-512 intrinsics" if info & 256 else ", generic vector code")
+    info = getattr(lib, "altgrad_build_info", None)
+    if info is None:
+        return "a build without altgrad_build_info"
+    bits = info()
+    return f"{bits & 255} lanes" + (", AVX-512 intrinsics" if bits & 256 else ", generic vector code")
 
 
 def load() -> ctypes.CDLL | None:
