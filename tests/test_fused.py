@@ -84,7 +84,8 @@ def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     w = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 12, (n,), generator=g).float())
     special = torch.tensor(
         [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 448.0, 464.0, 465.0, 57344.0, 61440.0, 1e38, -3e38,
-         2.0**-126, 2.0**-149, -(2.0**-140), 1.0625, 1.0 + 2**-4, 2.0**-9 * 1.5, 2.0**-10, 2.0**-133 * 3, 65520.0]
+         2.0**-126, 2.0**-149, -(2.0**-140), 1.0625, 1.0 + 2**-4, 2.0**-9 * 1.5, 2.0**-10, 2.0**-133 * 3, 65520.0,
+         *(1.37 * 2.0**k for k in range(104, 128))]  # every binade from 2**104: around and past formats' max
     )  # fmt: skip
     idx = torch.randint(0, n, (len(special) * 4,), generator=g)
     w[idx] = special.repeat(4)
@@ -241,7 +242,11 @@ def test_fused_pass_divides_unapplied_grad_scale(backend):
     fused = FusedPass([w.to(dev)], [fmt], ("stiffness",), backend=kind)
     fused.before([(g * scale).to(dev)], scale.to(dev))
     got = fused.drain()[0]["stiffness"][fmt.name]
-    _assert_sums_equal(got, _gradient_stiffness_update(w, g, fmt), "stiffness with grad scale")
+    # What the scaled gradient says: g itself, but inf where g * scale overflowed (the data's gradients at the
+    # stiffness of weights near 2**127).
+    unscaled = (g * scale) / scale
+    assert torch.isinf(unscaled).any() and torch.isfinite(g).sum() > torch.isfinite(unscaled).sum()
+    _assert_sums_equal(got, _gradient_stiffness_update(w, unscaled, fmt), "stiffness with grad scale")
 
 
 @needs_triton
