@@ -8,7 +8,9 @@
  * summation order), which tests/test_fused.py checks for both backends.
  *
  * Each chunk is cut into blocks of L elements held in GCC/Clang vector types, one machine vector of doubles wide;
- * every sum has lane-wise accumulators (SIMD code without reassociation flags: the lanes are separate sums). The
+ * every sum has lane-wise accumulators (SIMD code without reassociation flags: the lanes are separate sums). On
+ * machines with AVX-512 the three loops are written in intrinsics instead (ALTGRAD_AVX512 below), with the same
+ * arithmetic; the generic code serves every other machine, and tests/test_fused.py checks a build of each. The
  * `after` pass runs its ULP sums and its flip sums as two loops over the chunk (the second re-reads it from L2),
  * so that each loop keeps its accumulators in registers. Threads take chunks from an atomic counter, and a chunk's
  * row is written by the one thread that took it, so the result does not depend on the scheduling. The fine ULP
@@ -150,11 +152,11 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && L == 8
-/* With AVX-512 the hottest loop (flips) is written with intrinsics: comparisons stay in mask registers and selects
- * are single masked instructions, where GCC's lowering of the generic vector code above materialises every mask
- * as a vector and splits the int32 -> int64 and float -> double conversions in halves (measured: 343 instructions
- * per block of 8 elements before, see benchmarks/NOTES.md). The arithmetic is the generic code's, operation for
- * operation; tests/test_fused.py checks both builds against the reference. */
+/* With AVX-512 the loops are written with intrinsics: comparisons stay in mask registers and selects are single
+ * masked instructions, where GCC's lowering of the generic vector code materialises every mask as a vector and
+ * splits the int32 -> int64 and float -> double conversions in halves (the flip loop: 343 instructions per block
+ * of 8 elements, ~150 with intrinsics; benchmarks/NOTES.md, session 7). The arithmetic is the generic code's,
+ * operation for operation; tests/test_fused.py checks both builds against the reference. */
 #define ALTGRAD_AVX512 1
 INLINE __m256i set1i(int32_t x) { return _mm256_set1_epi32(x); }
 
