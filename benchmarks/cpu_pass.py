@@ -17,12 +17,13 @@ busy or spinning as after a backward pass (``--idle`` drops it); candidates run 
 medians over ``--repeats``. ``fused`` is first checked equal to ``reference`` (counts exactly, float64 sums to 1e-9
 relative); the script exits 1 otherwise. ``--formats-sweep`` times 1, 2, ... formats (the cost of each further
 format). ``--ab OTHER.c`` builds another version of the C source with the same flags and interleaves its passes
-with the installed one's (how the session-6 optimisations were measured).
+with the installed one's (how the session-6 and -7 optimisations were measured). ``--ablate`` also times each
+diagnostic family alone, and ULP without its fine histogram (where the full pass's time goes).
 
 Usage::
 
     python3 benchmarks/cpu_pass.py [--formats float8_e4m3fn ...] [--repeats 15] [--no-reference]
-                                   [--formats-sweep] [--ab path/to/_fused_cpu.c] [--idle]
+                                   [--formats-sweep] [--ab path/to/_fused_cpu.c] [--idle] [--ablate]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ ensure_importable()
 from diagnostic_pass import reference_pass, workload_shapes  # noqa: E402
 
 from altgrad_lightning import get_format  # noqa: E402
-from altgrad_lightning.functional import _fused_cpu  # noqa: E402
+from altgrad_lightning.functional import _fused, _fused_cpu  # noqa: E402
 from altgrad_lightning.functional._fused import FusedPass  # noqa: E402
 
 DIAGNOSTICS = ("stiffness", "grid", "ulp", "flips")
@@ -68,6 +69,11 @@ def main() -> int:
     ap.add_argument("--formats-sweep", action="store_true", help="time 1, 2, ... of the formats")
     ap.add_argument("--ab", type=Path, default=None, help="another _fused_cpu.c to time side by side")
     ap.add_argument("--idle", action="store_true", help="no torch matmul before each call")
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time each diagnostic family alone (and ULP without its fine histogram)",
+    )
     args = ap.parse_args()
     if _fused_cpu.load() is None:
         raise SystemExit(f"the C backend is unavailable: {_fused_cpu.unavailable_reason()}")
@@ -120,6 +126,20 @@ def main() -> int:
         other = FusedPass(params, fmts, DIAGNOSTICS)
         other._lib = build_other(args.ab)
         candidates[f"fused, {len(fmts)} formats, {args.ab}"] = lambda: fused_pass(other)
+    if args.ablate:  # each family alone: where the time of the full pass goes (ULP's `before` is the snapshot)
+        for family in ("stiffness", "grid", "ulp", "flips"):
+            fp = FusedPass(params, fmts, (family,))
+            candidates[f"ablate: {family}"] = lambda fp=fp: fused_pass(fp)
+        no_hist = FusedPass(params, fmts, ("ulp",))
+
+        def ulp_without_histogram() -> tuple[float, float]:
+            _fused._HIST = False
+            try:
+                return fused_pass(no_hist)
+            finally:
+                _fused._HIST = True
+
+        candidates["ablate: ulp without the fine histogram"] = ulp_without_histogram
     if not args.no_reference:
 
         def reference() -> tuple[float, float]:
@@ -154,6 +174,8 @@ def main() -> int:
     print("| candidate | before ms | after ms | pass ms | achieved/floor |")
     print("|---|--:|--:|--:|--:|")
     for name, (tb, ta) in med.items():
+        if name.startswith("ablate: "):
+            continue
         if name == "copy":
             print(f"| copy of all parameters | | | {tb * 1e3:.2f} | — |")
             continue
@@ -161,6 +183,12 @@ def main() -> int:
         floor = n * (20 + 8 * (k - 1)) / bw
         split = ("", "") if name == "reference" else (f"{tb * 1e3:.2f}", f"{ta * 1e3:.2f}")
         print(f"| {name} | {split[0]} | {split[1]} | {(tb + ta) * 1e3:.2f} | {floor / (tb + ta):.3f} |")
+    ablated = {k.removeprefix("ablate: "): v for k, v in med.items() if k.startswith("ablate: ")}
+    if ablated:
+        print("\n| diagnostics alone | before ms | after ms |")
+        print("|---|--:|--:|")
+        for name, (tb, ta) in ablated.items():
+            print(f"| {name} | {tb * 1e3:.2f} | {ta * 1e3:.2f} |")
     return 1 if bad else 0
 
 
