@@ -3,9 +3,10 @@
 The reference is the package's own per-parameter ``_update`` functions (themselves proven against ml_dtypes,
 torch casts, gfloat and numpy in the other test files), merged over parameters as the Metrics merge them: the fast
 path is a second implementation of the same sums, and this test is what keeps the two from drifting. Each test
-runs every backend: the C backend on the CPU (built with the system C compiler; skipped only where none is found),
-and Triton on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first
-imported) where Triton is installed.
+runs every backend: the C backend on the CPU (built with the system C compiler; skipped only where none is found;
+on a machine with AVX-512 also a second build without it, so that both its intrinsics and its generic vector code
+are checked), and Triton on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before
+Triton is first imported) where Triton is installed.
 """
 
 from __future__ import annotations
