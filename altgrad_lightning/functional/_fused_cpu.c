@@ -741,7 +741,7 @@ static void set_format(fmt_t *F, const double *r) {
 }
 
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
- * _format_constants (EMIN, ECLAMP, M, 2**M, max, IMAX, sub-scale 1, sub-scale 2, 2**(EMIN - M)); `flags` is
+ * _format_constants (the layout set_format reads); `flags` is
  * {after, has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist}. Returns 0, or -1 for
  * arguments it cannot take (checked by the caller first). */
 int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t *snap_off, const int32_t *chunk_t,
