@@ -5,8 +5,8 @@ torch casts, gfloat and numpy in the other test files), merged over parameters a
 path is a second implementation of the same sums, and this test is what keeps the two from drifting. Each test
 runs every backend: the C backend on the CPU (built with the system C compiler; skipped only where none is found;
 on a machine with AVX-512 also a second build without it, so that both its intrinsics and its generic vector code
-are checked), and Triton on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before
-Triton is first imported) where Triton is installed.
+are checked), Triton on CUDA, or on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before
+Triton is first imported) where Triton is installed, and on CUDA also the CUDA C ``after`` kernel (NVRTC).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from altgrad_lightning import get_format  # noqa: E402
-from altgrad_lightning.functional import _fused_cpu  # noqa: E402
+from altgrad_lightning.functional import _fused_cpu, _fused_cuda  # noqa: E402
 from altgrad_lightning.functional._fused import HAS_TRITON, FusedPass, fused_format_supported  # noqa: E402
 from altgrad_lightning.functional._reduce import merge  # noqa: E402
 from altgrad_lightning.functional.flips import _flip_update  # noqa: E402
@@ -33,10 +33,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device
 HAS_CC = bool(_fused_cpu._compiler())
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
+needs_cuda_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON), reason="the CUDA C after kernel runs beside Triton on CUDA"
+)
 BACKENDS = [
     pytest.param("c", marks=needs_cc),
     pytest.param("c-generic", marks=needs_cc),
     pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=needs_cuda_triton),
 ]
 
 
@@ -70,6 +74,10 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_fused_cpu, "_lib", request.getfixturevalue("generic_c_library"))
         monkeypatch.setattr(_fused_cpu, "_tried", True)
         return "c", "cpu"
+    if request.param == "cuda":
+        if _fused_cuda.kernel(torch.device("cuda"), 1, True, True, True) is None:
+            pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+        return "cuda", "cuda"
     return "triton", DEVICE
 
 
@@ -215,6 +223,11 @@ def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(
     samples = [(torch.rand(n, generator=g) < 0.3).nonzero().flatten().to(torch.int32) for n in sizes]
     samples[3] = samples[3][:0]  # a parameter with no sampled element
     kind, dev = backend
+    if kind == "cuda":
+        with pytest.raises(ValueError, match="no sample"):
+            on_device = [i.to(dev) for i in samples]
+            FusedPass([d[0].to(dev) for d in data], fmts, diagnostics, samples=on_device, backend="cuda")
+        pytest.skip("sampled passes take Triton's after kernel (the 'triton' case): the CUDA C one gathers nothing")
     params = [d[0].clone().to(dev) for d in data]  # stepped in place below
     gs = [d[1].to(dev) for d in data]
     samples_on = [i.to(dev) for i in samples]

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from altgrad_lightning.formats import FloatFormat
-from altgrad_lightning.functional import _fused_cpu
+from altgrad_lightning.functional import _fused_cpu, _fused_cuda
 from altgrad_lightning.functional._reduce import Sums
 from altgrad_lightning.functional.ulp import _FINE_BINS
 from altgrad_lightning.quantize import compute_dtype
@@ -59,6 +59,8 @@ _STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): bench
 _MAX_FORMATS = {"before": 4, "after": 1}
 # The C backend keeps a block's lanes in L1 whatever the formats: one call per phase up to its own limit.
 _MAX_FORMATS_CPU = {"before": 8, "after": 8}
+# The CUDA C `after` kernel (_fused_cuda.cu) compiles per number of formats: up to its MAXF per launch.
+_MAX_FORMATS_CUDA = {"before": _MAX_FORMATS["before"], "after": _fused_cuda.MAX_FORMATS}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
@@ -646,8 +648,10 @@ class FusedPass:
     (one int32 tensor of element indices per parameter), every diagnostic covers those
     elements only: the kernels gather them, and the snapshot holds just them.
 
-    ``backend`` is ``"triton"`` (the default on CUDA; on CPU tensors only under Triton's interpreter, for tests) or
-    ``"c"`` (the default on the CPU: ``_fused_cpu.c``, the same passes and partial rows in compiled C).
+    ``backend`` is ``"cuda"`` (the default on CUDA where NVRTC compiles ``_fused_cuda.cu``, and no sample: Triton's
+    ``before`` kernel and the CUDA C ``after`` kernel, whose shared-memory histogram Triton cannot express),
+    ``"triton"`` (both Triton kernels: the default on CUDA otherwise; on CPU tensors only under Triton's interpreter,
+    for tests) or ``"c"`` (the default on the CPU: ``_fused_cpu.c``, the same passes and partial rows in compiled C).
     """
 
     def __init__(
@@ -665,6 +669,8 @@ class FusedPass:
         self.diagnostics = set(diagnostics)
         device = self.params[0].device
         self.backend = backend or ("c" if device.type == "cpu" else "triton")
+        if backend is None and device.type == "cuda" and samples is None and HAS_TRITON:
+            self.backend = "cuda" if _cuda_after_compiles(device, self.formats, self.diagnostics) else "triton"
         self._lib = _fused_cpu.load() if self.backend == "c" else None
         if self.backend == "c":
             if self._lib is None or device.type != "cpu":
@@ -672,8 +678,16 @@ class FusedPass:
                     f"Expected CPU tensors and a built C backend for backend='c', but got device {device} "
                     f"({_fused_cpu.unavailable_reason() or 'the library is built'})"
                 )
+        elif self.backend == "cuda":
+            if not HAS_TRITON or device.type != "cuda" or samples is not None:
+                raise ValueError(
+                    "Expected CUDA tensors, Triton installed and no sample for backend='cuda', but got device "
+                    f"{device}{' and a sample' if samples is not None else ''}"
+                )
+            if not _cuda_after_compiles(device, self.formats, self.diagnostics):
+                raise ValueError(f"Expected the CUDA C after kernel to build, but {_fused_cuda.unavailable_reason()}")
         elif self.backend != "triton" or not HAS_TRITON:
-            raise ValueError(f"Expected backend 'c' or 'triton' (with Triton installed), but got {backend!r}")
+            raise ValueError(f"Expected backend 'c', 'cuda' or 'triton' (with Triton installed), but got {backend!r}")
         numels = [p.numel() for p in self.params] if samples is None else [len(i) for i in samples]
         self.n_total = sum(numels)
         counts = [max(1, math.ceil(n / CHUNK)) for n in numels]
@@ -698,7 +712,7 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         # Formats in launches of at most _MAX_FORMATS[phase], each launch reading its tensors once.
-        max_formats = _MAX_FORMATS_CPU if self.backend == "c" else _MAX_FORMATS
+        max_formats = {"c": _MAX_FORMATS_CPU, "cuda": _MAX_FORMATS_CUDA}.get(self.backend, _MAX_FORMATS)
         self._groups = {
             phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)] for phase, k in max_formats.items()
         }
@@ -737,6 +751,7 @@ class FusedPass:
         self._g_ptrs: list[int] = []
         self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
+        self._cuda_formats: dict[tuple[tuple[float, ...], ...], _fused_cuda._FmtSet] = {}  # the CUDA C kernel's
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
@@ -808,6 +823,8 @@ class FusedPass:
             hist = self._hist if taken is None else torch.zeros_like(self._hist)
             if self.backend == "c":
                 self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
+            elif self.backend == "cuda":
+                self._run_cuda(launch, part, hist, ulp_here, do_flips)
             else:
                 _after_kernel[(self.n_chunks,)](
                     self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
@@ -854,6 +871,20 @@ class FusedPass:
         )  # fmt: skip
         if rc != 0:  # pragma: no cover - the arguments are checked above
             raise RuntimeError(f"altgrad_fused_pass refused its arguments (rc {rc})")
+
+    def _run_cuda(self, launch: _Launch, part: torch.Tensor, hist: torch.Tensor, do_ulp: bool, do_flips: bool) -> None:
+        """The ``after`` phase of one launch through the CUDA C kernel (compiled in ``__init__`` or on first use)."""
+        device = self.snapshot.device
+        compiled = _fused_cuda.kernel(device, len(launch.fmts), do_ulp, do_ulp and _HIST, do_flips)
+        if compiled is None:  # pragma: no cover - compiled once already when the backend was chosen
+            raise RuntimeError(f"the CUDA C after kernel is gone: {_fused_cuda.unavailable_reason()}")
+        fn, grid = compiled
+        fmts = self._cuda_formats.get(launch.fmts)
+        if fmts is None:
+            fmts = self._cuda_formats[launch.fmts] = _fused_cuda.format_set(launch.fmts)
+        tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel)
+        tensors = (*tables, self.snapshot, part, hist)
+        _fused_cuda.launch(fn, grid, tensors, self.n_chunks, part.shape[1], fmts)
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
@@ -915,6 +946,19 @@ class FusedPass:
         self._before_steps = self._after_steps = 0
         self._after_taken = None
         return out, stalls
+
+
+def _cuda_after_compiles(device: torch.device, formats: Sequence[FloatFormat], diagnostics: set[str]) -> bool:
+    """Compile (once per process and shape) the CUDA C ``after`` kernels a pass needs; False where NVRTC cannot."""
+    do_ulp, do_flips = "ulp" in diagnostics, "flips" in diagnostics
+    k = _MAX_FORMATS_CUDA["after"]
+    groups = [len(formats[i : i + k]) for i in range(0, len(formats), k)] or [0]
+    shapes = [(nf, do_ulp and gi == 0, do_flips) for gi, nf in enumerate(groups)]
+    return all(
+        _fused_cuda.kernel(device, nf, ulp, ulp and _HIST, flips) is not None
+        for nf, ulp, flips in shapes
+        if ulp or flips
+    )
 
 
 def _pow2_at_least(n: int) -> int:

@@ -1,0 +1,236 @@
+/* The `after` pass of the fused diagnostic pass in CUDA C (altgrad_lightning/functional/_fused.py), compiled at run
+ * time with the NVRTC that ships with torch's CUDA wheels (_fused_cuda.py) and launched on torch's stream.
+ *
+ * Why not Triton: the fine ULP histogram (1024 buckets) costs 0.41 ms per step through Triton 3.6's tl.histogram
+ * (a ballot per bit of the bucket and a popcount per bucket and element) and 0.013 ms through shared-memory atomics,
+ * which Triton does not expose (benchmarks/histogram_gpu.py, benchmarks/NOTES.md, session 7).
+ *
+ * The same chunk table, the same partial rows (the columns of _after_columns, float64) and the same histogram
+ * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. The element arithmetic
+ * is the C backend's generic code (_fused_cpu.c) line for line; compiled with --fmad=false, so no product is fused
+ * into an addition and every sum term is rounded as the reference's. Each warp takes chunks in turn (a grid-stride
+ * loop) and reduces each chunk's sums to its row with shuffles; a block's warps share one shared-memory histogram
+ * for all their chunks, added to the global one at the end.
+ */
+#define CHUNK 8192
+#define THREADS 256
+#define MAXF 4
+#define HIST_BINS 1024
+/* Compiled once per launch shape with -DNF=... -DDO_ULP=... -DDO_HIST=... -DDO_FLIPS=... (as Triton's constexprs):
+ * the accumulators of absent formats and families take no registers. */
+#ifndef NF
+#define NF 1
+#endif
+#define NFA (NF > 0 ? NF : 1)
+
+struct Fmt {
+    int emin, eclamp, m, imax;
+    unsigned sub_c_bits;
+    float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
+    double fmax64;
+};
+struct FmtSet { Fmt f[MAXF]; };
+
+__device__ __forceinline__ int floor_log2(float a) { return (int)(__float_as_uint(a) >> 23) - 127; }
+__device__ __forceinline__ float pow2_f32(int e) { return __uint_as_float((unsigned)(e + 127) << 23); }
+__device__ __forceinline__ double pow2_f64(int e) { return __longlong_as_double((long long)(e + 1023) << 52); }
+
+/* Nearest-even grid value of non-negative float32 `a` in F, saturated at F's max, and its order-preserving grid
+ * index (_fused_cpu.c: round_raw and round_index; only finite `a` matter). */
+__device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) {
+    const unsigned bits = __float_as_uint(a);
+    float q;
+    int idx;
+    if (F.m < 23) { /* both branches, then a select: lanes of a warp often fall on both sides of 2**EMIN */
+        const bool normal = bits >= (unsigned)((F.emin + 127) << 23);
+        const float t = __uint_as_float((bits & 0x7FFFFFu) | ((unsigned)(F.m + 127) << 23)) + 8388608.0f;
+        const unsigned n = __float_as_uint(t) - 0x4B000000u;
+        const float q_normal = __uint_as_float((bits & 0x7F800000u) - 0x800000u + (n << (23 - F.m)));
+        const int i_normal = (int)((((bits >> 23) - (unsigned)(F.emin + 127)) << F.m) + n);
+        /* below 2**EMIN: a + 2**(EMIN - M + 23) rounds a onto the multiples of 2**(EMIN - M) */
+        const float t_sub = a + F.sub_c;
+        q = normal ? q_normal : t_sub - F.sub_c;
+        idx = normal ? i_normal : (int)(__float_as_uint(t_sub) - F.sub_c_bits);
+    } else { /* float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23 */
+        const int e = max(floor_log2(a), F.emin);
+        const bool big = e > 0;
+        const float r = (a * (big ? pow2_f32(1 - e) : F.p2m)) * (big ? F.p2m * 0.5f : pow2_f32(-e));
+        const float n = r < 8388608.0f ? (r + 8388608.0f) - 8388608.0f : r;
+        q = (n / F.p2m) * pow2_f32(e);
+        const float ns = (n >= 0.0f && n < 2147483648.0f) ? n : 0.0f;
+        idx = (int)(((unsigned)(e - F.emin) << F.m) + (unsigned)(int)ns);
+    }
+    if (idx > F.imax) {
+        *index = F.imax;
+        return F.fmax;
+    }
+    *index = idx;
+    return q;
+}
+
+/* float32 bits to an order-preserving int (-0 and +0 both 0). */
+__device__ __forceinline__ int ordered(float x) {
+    const int bits = __float_as_int(x);
+    return bits < 0 ? -(bits & 0x7FFFFFFF) : bits;
+}
+
+/* Warp-wide sum (or max) of one value; lane 0 gets the result. */
+template <typename T, bool MAX>
+__device__ __forceinline__ T warp_reduce(T v) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const T o = __shfl_down_sync(0xffffffffu, v, off);
+        v = MAX ? (o > v ? o : v) : v + o;
+    }
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ snap_off,
+             const int *__restrict__ chunk_t, const long long *__restrict__ chunk_start,
+             const long long *__restrict__ numel, const float *__restrict__ snap, double *__restrict__ part,
+             unsigned long long *__restrict__ hist, long long n_chunks, int ncols, FmtSet fs) {
+    __shared__ unsigned int h[HIST_BINS];
+    if (DO_HIST)
+        for (int i = threadIdx.x; i < HIST_BINS; i += THREADS) h[i] = 0;
+    __syncthreads();
+    /* One warp per chunk (its sums need no block barrier); the block's warps share the histogram. */
+    const int lane = threadIdx.x & 31;
+    const long long warps = (long long)gridDim.x * (THREADS / 32);
+    for (long long c = (long long)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5); c < n_chunks; c += warps) {
+        const int t = chunk_t[c];
+        const long long start = chunk_start[c], n = numel[t];
+        const long long end = start + CHUNK < n ? start + CHUNK : n;
+        const float *W = (const float *)w_tab[t];
+        const float *B = snap + snap_off[t];
+        unsigned int n_valid = 0, n_zero = 0, u_max = 0, n_upd = 0; /* counts of one chunk fit 32 bits */
+        unsigned long long u_sum = 0;
+        unsigned int flip[NFA], stall[NFA];
+        long long steps_s[NFA];
+        double f_dd = 0.0, move_s[NFA], near_s[NFA], sr_s[NFA];
+#pragma unroll
+        for (int f = 0; f < NFA; f++) {
+            flip[f] = stall[f] = 0;
+            steps_s[f] = 0;
+            move_s[f] = near_s[f] = sr_s[f] = 0.0;
+        }
+        /* Four elements per lane and step: one 16-byte load per tensor (snapshot slices and weights are 16-byte
+         * aligned; the group holding a parameter's last element may reach up to three elements past it, inside the
+         * same aligned 16 bytes; those lanes are masked out). */
+        for (long long base = start + 4 * lane; base < end; base += 4 * 32) {
+            const float4 bv = *(const float4 *)(B + base), wv = *(const float4 *)(W + base);
+            const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float b = bb[j], w = ww[j], ab = fabsf(b), aw = fabsf(w);
+                const bool valid = base + j < end && ab < __int_as_float(0x7F800000) && aw < __int_as_float(0x7F800000);
+                n_valid += valid;
+                if (DO_ULP) {
+                    const int kb = ordered(b), kw = ordered(w);
+                    const unsigned d = !valid ? 0u : kw >= kb ? (unsigned)kw - (unsigned)kb : (unsigned)kb - (unsigned)kw;
+                    n_zero += valid && d == 0;
+                    u_sum += d;
+                    u_max = d > u_max ? d : u_max;
+                    if (DO_HIST && d != 0) {
+                        /* Bucket 1 + 16 k + s (k = floor(log2 d), s the four bits below the leading one): the
+                         * exponent field and top four significand bits of d as a float32, exact for d < 2**24;
+                         * d >= 2**24 is shifted right by 8 first (the C backend's formulation). */
+                        const unsigned big = d >= (1u << 24);
+                        const unsigned dd = big ? d >> 8 : d;
+                        atomicAdd(&h[(__float_as_int((float)dd) >> 19) - (16 * 127 - 1) + (big ? 128 : 0)], 1u);
+                    }
+                }
+                if (DO_FLIPS) {
+                    const bool updated = valid && w != b;
+                    n_upd += updated;
+                    const double delta = updated ? (double)w - (double)b : 0.0; /* exact */
+                    f_dd += delta * delta;
+                    const bool b_neg = b < 0.0f, w_neg = w < 0.0f;
+                    const bool toward_sign = (updated && w < b) != b_neg;
+                    const double ad = fabs(delta);
+#pragma unroll
+                    for (int f = 0; f < NF; f++) {
+                        const Fmt &F = fs.f[f];
+                        int ib, iw;
+                        const float qb = round_index(ab, F, &ib), qw = round_index(aw, F, &iw);
+                        long long steps;
+                        if (F.imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX fits an int */
+                            const int d_i = (w_neg ? -iw : iw) - (b_neg ? -ib : ib);
+                            steps = valid ? abs(d_i) : 0;
+                        } else {
+                            const long long sw = w_neg ? -(long long)iw : iw, sb = b_neg ? -(long long)ib : ib;
+                            steps = valid ? llabs(sw - sb) : 0;
+                        }
+                        flip[f] += steps != 0;
+                        stall[f] += updated && steps == 0;
+                        steps_s[f] += steps;
+                        /* Stochastic-rounding what-if (flips._survival), as in the C backend. */
+                        const double vb = valid ? (double)(b_neg ? -qb : qb) : 0.0;
+                        const double vw = valid ? (double)(w_neg ? -qw : qw) : 0.0;
+                        const int eb = max(floor_log2(qb), F.emin);
+                        const bool toward = qb != 0.0f && toward_sign;
+                        const bool half = toward && eb > F.emin && (__float_as_uint(qb) & 0x7FFFFFu) == 0u;
+                        const double inv_gap = pow2_f64(half ? F.m + 1 - eb : F.m - eb);
+                        double p = ad * inv_gap;
+                        p = p < 1.0 ? p : 1.0;
+                        move_s[f] += (qb >= F.fmax && !toward) ? 0.0 : p;
+                        double s = vb + delta;
+                        s = s > -F.fmax64 ? s : -F.fmax64;
+                        s = s < F.fmax64 ? s : F.fmax64;
+                        const double e_sr = s - vb, m_near = vw - vb;
+                        near_s[f] += m_near * m_near;
+                        sr_s[f] += e_sr * e_sr;
+                    }
+                }
+            }
+        }
+        /* The chunk's row (the columns of _after_columns). */
+        double *row = part + c * ncols;
+        const unsigned int v = warp_reduce<unsigned int, false>(n_valid);
+        if (lane == 0) row[0] = (double)v;
+        int col = 1;
+        if (DO_ULP) {
+            const unsigned int z = warp_reduce<unsigned int, false>(n_zero);
+            const unsigned long long s = warp_reduce<unsigned long long, false>(u_sum);
+            const unsigned int mx = warp_reduce<unsigned int, true>(u_max);
+            if (lane == 0) {
+                row[1] = (double)z;
+                row[2] = (double)s;
+                row[3] = (double)mx;
+            }
+            col = 4;
+        }
+        if (DO_FLIPS) {
+            const unsigned int u = warp_reduce<unsigned int, false>(n_upd);
+            const double dd = warp_reduce<double, false>(f_dd);
+            if (lane == 0) {
+                row[col] = (double)u;
+                row[col + 1] = dd;
+            }
+            col += 2;
+#pragma unroll
+            for (int f = 0; f < NF; f++) {
+                const unsigned int fl = warp_reduce<unsigned int, false>(flip[f]);
+                const unsigned int st = warp_reduce<unsigned int, false>(stall[f]);
+                const unsigned long long sp =
+                    warp_reduce<unsigned long long, false>((unsigned long long)steps_s[f]);
+                const double mv = warp_reduce<double, false>(move_s[f]);
+                const double nr = warp_reduce<double, false>(near_s[f]);
+                const double sr = warp_reduce<double, false>(sr_s[f]);
+                if (lane == 0) {
+                    row[col] = (double)fl;
+                    row[col + 1] = (double)st;
+                    row[col + 2] = (double)sp;
+                    row[col + 3] = mv;
+                    row[col + 4] = nr;
+                    row[col + 5] = sr;
+                }
+                col += 6;
+            }
+        }
+    }
+    if (DO_HIST) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < HIST_BINS; i += THREADS)
+            if (h[i]) atomicAdd(&hist[i], (unsigned long long)h[i]);
+    }
+}

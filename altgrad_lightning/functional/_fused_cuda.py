@@ -1,0 +1,165 @@
+"""The fused pass's ``after`` kernel in CUDA C (``_fused_cuda.cu``), compiled at run time with NVRTC.
+
+NVRTC ships with torch's CUDA wheels (``nvidia/*/lib/libnvrtc.so*``) and the driver (``libcuda.so.1``) with every
+CUDA machine, so no nvcc is needed: the source is compiled for the device's architecture on first use (per launch
+shape: formats per launch and families, as Triton compiles per constexpr), loaded into the context torch uses, and
+launched on torch's current stream with the driver API through ctypes. Anything missing or failing on the way makes
+:func:`kernel` return ``None`` (the reason in :func:`unavailable_reason`) and the pass keeps Triton's ``after``
+kernel; the arithmetic and the partial rows are the same either way (``tests/test_fused.py`` runs both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import site
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SOURCE = Path(__file__).with_name("_fused_cuda.cu")
+THREADS = 256  # the source's THREADS
+MAX_FORMATS = 4  # the source's MAXF
+
+_lock = threading.Lock()
+_libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
+_reason: str | None = None
+_tried = False
+_kernels: dict[tuple[int, int, bool, bool, bool], tuple[ctypes.c_void_p, int]] = {}
+
+
+class _Fmt(ctypes.Structure):
+    _fields_ = [
+        ("emin", ctypes.c_int), ("eclamp", ctypes.c_int), ("m", ctypes.c_int), ("imax", ctypes.c_int),
+        ("sub_c_bits", ctypes.c_uint), ("p2m", ctypes.c_float), ("fmax", ctypes.c_float), ("sub_c", ctypes.c_float),
+        ("fmax64", ctypes.c_double),
+    ]  # fmt: skip
+
+
+class _FmtSet(ctypes.Structure):
+    _fields_ = [("f", _Fmt * MAX_FORMATS)]
+
+
+def format_set(fmts: Sequence[tuple[int, int, int, float, float, int, float, float, float]]) -> _FmtSet:
+    """The kernel's format argument from rows of ``_fused._format_constants`` (as the C backend's set_format)."""
+    out = _FmtSet()
+    for i, (emin, eclamp, m, p2m, fmax, imax, *_) in enumerate(fmts):
+        sub_c_bits = (emin - m + 23 + 127) << 23  # 2**(EMIN - M + 23), a normal float32 for the supported formats
+        (sub_c,) = struct.unpack("<f", struct.pack("<I", sub_c_bits))
+        out.f[i] = _Fmt(emin, eclamp, m, imax, sub_c_bits, p2m, fmax, sub_c, fmax)
+    return out
+
+
+def _find(pattern: str) -> str | None:
+    folders = [os.path.dirname(torch.__file__), *site.getsitepackages()]
+    for folder in folders:
+        for found in sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True)):
+            if os.path.isfile(found):
+                return found
+    return None
+
+
+def _load_libs() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str | None]:
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return None, "no CUDA device"
+    path = _find("libnvrtc.so*")
+    if path is None:
+        return None, "NVRTC (libnvrtc.so) not found beside torch"
+    try:
+        return (ctypes.CDLL(path), ctypes.CDLL("libcuda.so.1")), None
+    except OSError as err:
+        return None, f"loading NVRTC or the CUDA driver failed: {err}"
+
+
+def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str]) -> bytes:
+    prog = ctypes.c_void_p()
+    src = _SOURCE.read_bytes()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"_fused_cuda.cu", 0, None, None) != 0:
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        # No fused multiply-add: every product of a sum term is rounded as the reference rounds it.
+        opts = [f"--gpu-architecture={arch}".encode(), b"--fmad=false", *(f"-D{d}".encode() for d in defines)]
+        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC: {log.value.decode(errors='replace')[-2000:]}")
+        size = ctypes.c_size_t()
+        if nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)) != 0:
+            raise RuntimeError("nvrtcGetCUBINSize failed")
+        cubin = ctypes.create_string_buffer(size.value)
+        if nvrtc.nvrtcGetCUBIN(prog, cubin) != 0:
+            raise RuntimeError("nvrtcGetCUBIN failed")
+        return cubin.raw
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def kernel(
+    device: torch.device, nf: int, do_ulp: bool, do_hist: bool, do_flips: bool
+) -> tuple[ctypes.c_void_p, int] | None:
+    """The compiled ``after_kernel`` for this launch shape on ``device`` and its grid size (resident blocks on all
+    SMs), or ``None`` where CUDA C cannot be compiled or loaded here."""
+    global _libs, _reason, _tried
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, nf, do_ulp, do_hist, do_flips)
+    with _lock:
+        if key in _kernels:
+            return _kernels[key]
+        if not _tried:
+            _libs, _reason = _load_libs()
+            _tried = True
+        if _libs is None:
+            return None
+        nvrtc, cuda = _libs
+        try:
+            with torch.cuda.device(index):
+                torch.cuda.synchronize()  # the runtime has made the device's primary context current here
+                ctx = ctypes.c_void_p()
+                if cuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+                    raise RuntimeError("no current CUDA context")
+                major, minor = torch.cuda.get_device_capability(index)
+                defines = [f"NF={nf}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}", f"DO_FLIPS={int(do_flips)}"]
+                cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
+                module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+                if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
+                    raise RuntimeError("cuModuleLoadData failed")
+                if cuda.cuModuleGetFunction(ctypes.byref(fn), module, b"after_kernel") != 0:
+                    raise RuntimeError("cuModuleGetFunction failed")
+                per_sm = ctypes.c_int()
+                if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, THREADS, 0) != 0:
+                    raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
+                sms = torch.cuda.get_device_properties(index).multi_processor_count
+        except (RuntimeError, OSError, AttributeError) as err:
+            _libs, _reason = None, f"the CUDA C after kernel is unavailable: {err}"
+            return None
+        _kernels[key] = (fn, max(1, per_sm.value) * sms)
+        return _kernels[key]
+
+
+def launch(
+    fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_chunks: int, ncols: int, fmts: _FmtSet
+) -> None:
+    """Launch on torch's current stream: ``tensors`` are w_tab, snap_off, chunk_t, chunk_start, numel, snapshot,
+    part and hist, in the kernel's order."""
+    assert _libs is not None
+    args: list[Any] = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+    args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols), fmts]
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    stream = ctypes.c_void_p(torch.cuda.current_stream(tensors[0].device).cuda_stream)
+    blocks = min(grid, -(-n_chunks // (THREADS // 32)))  # a warp per chunk
+    rc = _libs[1].cuLaunchKernel(fn, blocks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
+    if rc != 0:  # pragma: no cover - the arguments are checked by the caller
+        raise RuntimeError(f"cuLaunchKernel of the CUDA C after kernel failed (CUresult {rc})")
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`kernel` returned ``None`` (``None`` when it has not been tried or succeeded)."""
+    return _reason
