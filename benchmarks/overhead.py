@@ -20,6 +20,8 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
 - ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (the fused path
   runs on CUDA with Triton and on the CPU with a C compiler; elsewhere ``m1ref`` equals ``m1``);
+- ``m1triton``: ``m1`` with Triton's ``after`` kernel instead of the CUDA C one (NVRTC), on CUDA where the package
+  has both (not in the default list);
 - ``amax``, ``mx``: ``m1`` with ``scaling="amax"`` (per-tensor current scaling) and ``scaling="mx"`` (MX blocks of
   32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``);
 - ``sample2``, ``amaxs2``, ``mxs2``: ``m1``, ``amax`` and ``mx`` with ``sample_fraction=0.02`` (a fixed 2 % of the
@@ -333,6 +335,24 @@ class Variant:
     runs: list[RunResult] = field(default_factory=list)
 
 
+class _TritonAfter(QuantizationMonitor):
+    """``QuantizationMonitor`` whose fused pass takes Triton's ``after`` kernel (the CUDA C one reported as absent
+    while the pass is built): the A/B of the two kernels in one process."""
+
+    def __init__(self, formats: list[str]) -> None:
+        super().__init__(formats=formats)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from altgrad_lightning.functional import _fused
+
+        original = _fused._cuda_after_compiles
+        _fused._cuda_after_compiles = lambda *args: False  # type: ignore[assignment]
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            _fused._cuda_after_compiles = original
+
+
 def build_variants(formats: list[str]) -> dict[str, Variant]:
     f1 = formats[:1]
     naive_diags = ("stiffness", "grid", "ulp")
@@ -358,6 +378,12 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
                 lambda: QuantizationMonitor(formats=f1, fused=False),
             )
         )
+    try:
+        from altgrad_lightning.functional import _fused
+    except ImportError:  # pragma: no cover - older versions of the package
+        _fused = None
+    if _fused is not None and hasattr(_fused, "_cuda_after_compiles"):
+        out.append(Variant("m1triton", "QuantizationMonitor, 1 format, Triton after kernel", lambda: _TritonAfter(f1)))
     for scaling in ("amax", "mx"):
         out.append(
             Variant(

@@ -755,11 +755,15 @@ class FusedPass:
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
-        """Whether this step's gradients fit the fast path: float32, contiguous, beside their parameter (and
-        16-byte aligned on CUDA)."""
+        """Whether this step's gradients (the parameters' ``.grad``) fit the fast path: float32, contiguous, and
+        16-byte aligned on CUDA. A ``.grad`` has its parameter's shape and device (torch checks that whenever it is
+        set), so those are not compared again: this runs on every step, and the comparisons cost ~0.2 ms for 150
+        parameters (``benchmarks/NOTES.md``, session 7)."""
+        aligned = not params or not params[0].is_cuda
+        f32 = torch.float32
         return all(
-            g is not None and g.device == p.device and g.shape == p.shape and _fits(g)
-            for p, g in zip(params, grads, strict=True)
+            g is not None and g.dtype == f32 and g.is_contiguous() and (aligned or g.data_ptr() % 16 == 0)
+            for g in grads
         )
 
     def sample_of(self, i: int) -> torch.Tensor:
