@@ -2,14 +2,16 @@
 
 The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
 elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
-on must cost next to nothing, so the callback uses two passes instead, as Triton kernels on CUDA and as compiled C
-on the CPU (``_fused_cpu.c``: the same passes, chunk table, partial rows and arithmetic):
+on must cost next to nothing, so the callback uses two passes instead, as Triton kernels on CUDA (with ``after`` in
+CUDA C compiled by NVRTC where it builds: ``_fused_cuda.cu``) and as compiled C on the CPU (``_fused_cpu.c``: the
+same passes, chunk table, partial rows and arithmetic):
 
 - ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
   ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;
 - ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums, the
-  fine ULP histogram and the flip sums (on CUDA one format per launch: more formats cost more registers than the
-  extra reads of ``after`` cost bandwidth; ``_MAX_FORMATS``; the C backend takes up to 8 formats per call).
+  fine ULP histogram and the flip sums (Triton's kernel one format per launch: more formats cost more registers
+  than the extra reads of ``after`` cost bandwidth, ``_MAX_FORMATS``; the CUDA C kernel up to 4, the C backend up to
+  8 formats per call).
 
 Each kernel walks all parameters at once through a table of data pointers (no launch per parameter, no
 concatenation copy), so one step touches about 20 bytes per float32 parameter for one format, the floor of
