@@ -75,7 +75,10 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_fused_cpu, "_tried", True)
         return "c", "cpu"
     if request.param == "cuda":
-        if _fused_cuda.kernel(torch.device("cuda"), 1, True, True, True) is None:
+        from altgrad_lightning.functional._fused import _format_constants
+
+        row = _format_constants(get_format("float8_e4m3fn"))
+        if _fused_cuda.kernel(torch.device("cuda"), (row,), True, True, True) is None:
             pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
         return "cuda", "cuda"
     return "triton", DEVICE

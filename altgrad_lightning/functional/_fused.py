@@ -753,7 +753,6 @@ class FusedPass:
         self._g_ptrs: list[int] = []
         self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
-        self._cuda_formats: dict[tuple[tuple[float, ...], ...], _fused_cuda._FmtSet] = {}  # the CUDA C kernel's
 
     @staticmethod
     def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
@@ -881,16 +880,12 @@ class FusedPass:
     def _run_cuda(self, launch: _Launch, part: torch.Tensor, hist: torch.Tensor, do_ulp: bool, do_flips: bool) -> None:
         """The ``after`` phase of one launch through the CUDA C kernel (compiled in ``__init__`` or on first use)."""
         device = self.snapshot.device
-        compiled = _fused_cuda.kernel(device, len(launch.fmts), do_ulp, do_ulp and _HIST, do_flips)
+        compiled = _fused_cuda.kernel(device, launch.fmts, do_ulp, do_ulp and _HIST, do_flips)
         if compiled is None:  # pragma: no cover - compiled once already when the backend was chosen
             raise RuntimeError(f"the CUDA C after kernel is gone: {_fused_cuda.unavailable_reason()}")
         fn, grid = compiled
-        fmts = self._cuda_formats.get(launch.fmts)
-        if fmts is None:
-            fmts = self._cuda_formats[launch.fmts] = _fused_cuda.format_set(launch.fmts)
         tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel)
-        tensors = (*tables, self.snapshot, part, hist)
-        _fused_cuda.launch(fn, grid, tensors, self.n_chunks, part.shape[1], fmts)
+        _fused_cuda.launch(fn, grid, (*tables, self.snapshot, part, hist), self.n_chunks, part.shape[1])
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
@@ -958,11 +953,12 @@ def _cuda_after_compiles(device: torch.device, formats: Sequence[FloatFormat], d
     """Compile (once per process and shape) the CUDA C ``after`` kernels a pass needs; False where NVRTC cannot."""
     do_ulp, do_flips = "ulp" in diagnostics, "flips" in diagnostics
     k = _MAX_FORMATS_CUDA["after"]
-    groups = [len(formats[i : i + k]) for i in range(0, len(formats), k)] or [0]
-    shapes = [(nf, do_ulp and gi == 0, do_flips) for gi, nf in enumerate(groups)]
+    rows = [_format_constants(f) for f in formats]
+    groups = [tuple(rows[i : i + k]) for i in range(0, len(rows), k)]
+    shapes = [(fmts, do_ulp and gi == 0, do_flips) for gi, fmts in enumerate(groups)]
     return all(
-        _fused_cuda.kernel(device, nf, ulp, ulp and _HIST, flips) is not None
-        for nf, ulp, flips in shapes
+        _fused_cuda.kernel(device, fmts, ulp, ulp and _HIST, flips) is not None
+        for fmts, ulp, flips in shapes
         if ulp or flips
     )
 

@@ -14,10 +14,10 @@
  */
 #define CHUNK 8192
 #define THREADS 256
-#define MAXF 4
 #define HIST_BINS 1024
-/* Compiled once per launch shape with -DNF=... -DDO_ULP=... -DDO_HIST=... -DDO_FLIPS=... (as Triton's constexprs):
- * the accumulators of absent formats and families take no registers. */
+/* Compiled once per launch shape with -DNF=... -DDO_ULP=... -DDO_HIST=... -DDO_FLIPS=... and the formats' constants
+ * in -DFORMATS={{...}, ...} (as Triton's constexprs): the accumulators of absent formats and families take no
+ * registers, and every format constant is an immediate (shifts by constants, no branch on M). */
 #ifndef NF
 #define NF 1
 #endif
@@ -29,7 +29,10 @@ struct Fmt {
     float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
     double fmax64;
 };
-struct FmtSet { Fmt f[MAXF]; };
+#ifndef FORMATS
+#define FORMATS {{-6, 8, 3, 126, 0x46800000u, 0x1p3f, 0x1.cp8f, 0x1p14f, 0x1.cp8}} /* float8_e4m3fn */
+#endif
+__device__ constexpr Fmt FMTS[NFA] = FORMATS;
 
 __device__ __forceinline__ int floor_log2(float a) { return (int)(__float_as_uint(a) >> 23) - 127; }
 __device__ __forceinline__ float pow2_f32(int e) { return __uint_as_float((unsigned)(e + 127) << 23); }
@@ -60,12 +63,9 @@ __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) 
         const float ns = (n >= 0.0f && n < 2147483648.0f) ? n : 0.0f;
         idx = (int)(((unsigned)(e - F.emin) << F.m) + (unsigned)(int)ns);
     }
-    if (idx > F.imax) {
-        *index = F.imax;
-        return F.fmax;
-    }
-    *index = idx;
-    return q;
+    const bool over = idx > F.imax;
+    *index = over ? F.imax : idx;
+    return over ? F.fmax : q;
 }
 
 /* float32 bits to an order-preserving int (-0 and +0 both 0). */
@@ -88,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ snap_off,
              const int *__restrict__ chunk_t, const long long *__restrict__ chunk_start,
              const long long *__restrict__ numel, const float *__restrict__ snap, double *__restrict__ part,
-             unsigned long long *__restrict__ hist, long long n_chunks, int ncols, FmtSet fs) {
+             unsigned long long *__restrict__ hist, long long n_chunks, int ncols) {
     __shared__ unsigned int h[HIST_BINS];
     if (DO_HIST)
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS) h[i] = 0;
@@ -149,7 +149,7 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                     const double ad = fabs(delta);
 #pragma unroll
                     for (int f = 0; f < NF; f++) {
-                        const Fmt &F = fs.f[f];
+                        const Fmt &F = FMTS[f];
                         int ib, iw;
                         const float qb = round_index(ab, F, &ib), qw = round_index(aw, F, &iw);
                         long long steps;

@@ -24,35 +24,28 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_fused_cuda.cu")
 THREADS = 256  # the source's THREADS
-MAX_FORMATS = 4  # the source's MAXF
+MAX_FORMATS = 4  # formats per launch (each one's accumulators cost registers)
 
+_Row = tuple[int, int, int, float, float, int, float, float, float]  # a row of _fused._format_constants
 _lock = threading.Lock()
 _libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
 _reason: str | None = None
 _tried = False
-_kernels: dict[tuple[int, int, bool, bool, bool], tuple[ctypes.c_void_p, int]] = {}
+_kernels: dict[tuple[int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int]] = {}
 
 
-class _Fmt(ctypes.Structure):
-    _fields_ = [
-        ("emin", ctypes.c_int), ("eclamp", ctypes.c_int), ("m", ctypes.c_int), ("imax", ctypes.c_int),
-        ("sub_c_bits", ctypes.c_uint), ("p2m", ctypes.c_float), ("fmax", ctypes.c_float), ("sub_c", ctypes.c_float),
-        ("fmax64", ctypes.c_double),
-    ]  # fmt: skip
-
-
-class _FmtSet(ctypes.Structure):
-    _fields_ = [("f", _Fmt * MAX_FORMATS)]
-
-
-def format_set(fmts: Sequence[tuple[int, int, int, float, float, int, float, float, float]]) -> _FmtSet:
-    """The kernel's format argument from rows of ``_fused._format_constants`` (as the C backend's set_format)."""
-    out = _FmtSet()
-    for i, (emin, eclamp, m, p2m, fmax, imax, *_) in enumerate(fmts):
+def _formats_define(fmts: Sequence[_Row]) -> str:
+    """The source's FORMATS initialiser for rows of ``_fused._format_constants`` (as the C backend's set_format;
+    floats in hexadecimal, so the constants are exact)."""
+    rows = []
+    for emin, eclamp, m, p2m, fmax, imax, *_ in fmts:
         sub_c_bits = (emin - m + 23 + 127) << 23  # 2**(EMIN - M + 23), a normal float32 for the supported formats
         (sub_c,) = struct.unpack("<f", struct.pack("<I", sub_c_bits))
-        out.f[i] = _Fmt(emin, eclamp, m, imax, sub_c_bits, p2m, fmax, sub_c, fmax)
-    return out
+        rows.append(
+            f"{{{emin}, {eclamp}, {m}, {imax}, {sub_c_bits:#x}u, {float(p2m).hex()}f, {float(fmax).hex()}f, "
+            f"{float(sub_c).hex()}f, {float(fmax).hex()}}}"
+        )
+    return "{" + ", ".join(rows or ["{0, 0, 1, 0, 0x3f800000u, 0x1p1f, 0x1p0f, 0x1p0f, 0x1p0}"]) + "}"
 
 
 def _find(pattern: str) -> str | None:
@@ -77,13 +70,16 @@ def _load_libs() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str | None]:
 
 
 def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str]) -> bytes:
+    """The cubin of the source for ``arch`` with ``defines`` (``NAME=VALUE``, written as ``#define`` lines ahead of
+    the source: values may hold commas, which compiler options would split)."""
     prog = ctypes.c_void_p()
-    src = _SOURCE.read_bytes()
+    head = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines)
+    src = head.encode() + _SOURCE.read_bytes()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"_fused_cuda.cu", 0, None, None) != 0:
         raise RuntimeError("nvrtcCreateProgram failed")
     try:
         # No fused multiply-add: every product of a sum term is rounded as the reference rounds it.
-        opts = [f"--gpu-architecture={arch}".encode(), b"--fmad=false", *(f"-D{d}".encode() for d in defines)]
+        opts = [f"--gpu-architecture={arch}".encode(), b"--fmad=false"]
         rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         if rc != 0:
             size = ctypes.c_size_t()
@@ -103,13 +99,14 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str]) -> bytes:
 
 
 def kernel(
-    device: torch.device, nf: int, do_ulp: bool, do_hist: bool, do_flips: bool
+    device: torch.device, fmts: Sequence[_Row], do_ulp: bool, do_hist: bool, do_flips: bool
 ) -> tuple[ctypes.c_void_p, int] | None:
-    """The compiled ``after_kernel`` for this launch shape on ``device`` and its grid size (resident blocks on all
-    SMs), or ``None`` where CUDA C cannot be compiled or loaded here."""
+    """The compiled ``after_kernel`` for these formats (rows of ``_fused._format_constants``, at most
+    :data:`MAX_FORMATS`) and families on ``device``, and its grid size (resident blocks on all SMs), or ``None``
+    where CUDA C cannot be compiled or loaded here."""
     global _libs, _reason, _tried
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, nf, do_ulp, do_hist, do_flips)
+    key = (index, tuple(fmts), do_ulp, do_hist, do_flips)
     with _lock:
         if key in _kernels:
             return _kernels[key]
@@ -126,7 +123,8 @@ def kernel(
                 if cuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
                     raise RuntimeError("no current CUDA context")
                 major, minor = torch.cuda.get_device_capability(index)
-                defines = [f"NF={nf}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}", f"DO_FLIPS={int(do_flips)}"]
+                defines = [f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
+                           f"DO_FLIPS={int(do_flips)}", f"FORMATS={_formats_define(fmts)}"]  # fmt: skip
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
                 module, fn = ctypes.c_void_p(), ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
@@ -144,14 +142,12 @@ def kernel(
         return _kernels[key]
 
 
-def launch(
-    fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_chunks: int, ncols: int, fmts: _FmtSet
-) -> None:
+def launch(fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_chunks: int, ncols: int) -> None:
     """Launch on torch's current stream: ``tensors`` are w_tab, snap_off, chunk_t, chunk_start, numel, snapshot,
     part and hist, in the kernel's order."""
     assert _libs is not None
     args: list[Any] = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
-    args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols), fmts]
+    args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
     stream = ctypes.c_void_p(torch.cuda.current_stream(tensors[0].device).cuda_stream)
     blocks = min(grid, -(-n_chunks // (THREADS // 32)))  # a warp per chunk
