@@ -296,6 +296,29 @@ def test_fused_steps_never_synchronise_the_host():
     assert int(got["flips"][fmts[-1].name]["n_total"]) == 5 * sum(p.numel() for p in params)
 
 
+@needs_cuda_triton
+def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypatch):
+    """Where NVRTC is missing or the CUDA C source does not build, the default pass on CUDA takes Triton's ``after``
+    kernel, whose sums are the same (the reference's)."""
+    fmts = [get_format("float8_e4m3fn")]
+    diagnostics = ("ulp", "flips")
+    w, g, after = _adversarial(5000, 3)
+    monkeypatch.setattr(_fused_cuda, "kernel", lambda *args: None)
+    param = w.to(DEVICE)
+    fused = FusedPass([param], fmts, diagnostics)
+    assert fused.backend == "triton"
+    fused.before([g.to(DEVICE)], None)
+    param.copy_(after.to(DEVICE))
+    fused.after()
+    got, _ = fused.drain()
+    ref = _reference([w], [g], [after], fmts, diagnostics)
+    for family in diagnostics:
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"fallback {family}/{key}")
+    with pytest.raises(ValueError, match="CUDA C after kernel"):
+        FusedPass([param], fmts, diagnostics, backend="cuda")
+
+
 def test_unsupported_formats_are_declared():
     for name in ("float8_e8m0fnu", "e0m7"):
         assert not fused_format_supported(get_format(name))

@@ -687,7 +687,8 @@ class FusedPass:
                     f"{device}{' and a sample' if samples is not None else ''}"
                 )
             if not _cuda_after_compiles(device, self.formats, self.diagnostics):
-                raise ValueError(f"Expected the CUDA C after kernel to build, but {_fused_cuda.unavailable_reason()}")
+                why = _fused_cuda.unavailable_reason() or "it did not"
+                raise ValueError(f"Expected the CUDA C after kernel to build for backend='cuda', but {why}")
         elif self.backend != "triton" or not HAS_TRITON:
             raise ValueError(f"Expected backend 'c', 'cuda' or 'triton' (with Triton installed), but got {backend!r}")
         numels = [p.numel() for p in self.params] if samples is None else [len(i) for i in samples]

@@ -149,9 +149,11 @@ def launch(fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_ch
     args: list[Any] = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
     args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-    stream = ctypes.c_void_p(torch.cuda.current_stream(tensors[0].device).cuda_stream)
+    device = tensors[0].device
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     blocks = min(grid, -(-n_chunks // (THREADS // 32)))  # a warp per chunk
-    rc = _libs[1].cuLaunchKernel(fn, blocks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
+    with torch.cuda.device(device):  # the function belongs to this device's context
+        rc = _libs[1].cuLaunchKernel(fn, blocks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
     if rc != 0:  # pragma: no cover - the arguments are checked by the caller
         raise RuntimeError(f"cuLaunchKernel of the CUDA C after kernel failed (CUresult {rc})")
 
