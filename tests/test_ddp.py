@@ -1,4 +1,4 @@
-"""QuantizationMonitor under 2-process DDP on CPU (gloo, ``ddp_spawn``).
+"""QuantizationMonitor under 2-process DDP on CPU (gloo, ``ddp_spawn``), and on 2 GPUs (NCCL) where they are.
 
 DDP replicas hold identical parameters and, after the all-reduce, identical gradients: every rank computes the same
 numbers, so the monitor neither syncs nor counts the replicas twice. Each rank's probe pickles what it captured; the
@@ -46,15 +46,21 @@ class _Timeout:
         signal.signal(signal.SIGALRM, self._old)
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_spawn_two_cpu_processes_log_single_process_values(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=TWO_GPUS)])
+def test_ddp_spawn_two_cpu_processes_log_single_process_values(tmp_path, accelerator):
+    """On 2 CPU processes (gloo; the C fast path) and, where 2 GPUs are, on 2 GPUs (NCCL; each rank's fast path
+    compiles and launches its kernels on its own device)."""
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
-        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
-        accelerator="cpu",
+        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo" if accelerator == "cpu" else "nccl"),
+        accelerator=accelerator,
         devices=2,
         max_steps=5,
         log_every_n_steps=2,  # logs at steps 1 and 3; step 4 is still pending in the final checkpoint
