@@ -15,9 +15,9 @@
 #define CHUNK 8192
 #define THREADS 256
 #define HIST_BINS 1024
-/* Compiled once per launch shape with -DNF=... -DDO_ULP=... -DDO_HIST=... -DDO_FLIPS=... and the formats' constants
- * in -DFORMATS={{...}, ...} (as Triton's constexprs): the accumulators of absent formats and families take no
- * registers, and every format constant is an immediate (shifts by constants, no branch on M). */
+/* Compiled once per launch shape, with NF, DO_ULP, DO_HIST, DO_FLIPS and the formats' constants (FORMATS) defined
+ * ahead of this source by _fused_cuda.py (as Triton's constexprs): the accumulators of absent formats and families
+ * take no registers, and every format constant is an immediate (shifts by constants, no branch on M). */
 #ifndef NF
 #define NF 1
 #endif

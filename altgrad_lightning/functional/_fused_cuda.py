@@ -11,6 +11,7 @@ kernel; the arithmetic and the partial rows are the same either way (``tests/tes
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import glob
 import os
 import site
@@ -45,22 +46,25 @@ def _formats_define(fmts: Sequence[_Row]) -> str:
             f"{{{emin}, {eclamp}, {m}, {imax}, {sub_c_bits:#x}u, {float(p2m).hex()}f, {float(fmax).hex()}f, "
             f"{float(sub_c).hex()}f, {float(fmax).hex()}}}"
         )
-    return "{" + ", ".join(rows or ["{0, 0, 1, 0, 0x3f800000u, 0x1p1f, 0x1p0f, 0x1p0f, 0x1p0}"]) + "}"
+    return "{" + ", ".join(rows) + "}"
 
 
-def _find(pattern: str) -> str | None:
-    folders = [os.path.dirname(torch.__file__), *site.getsitepackages()]
-    for folder in folders:
-        for found in sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True)):
+def _find_nvrtc() -> str | None:
+    """NVRTC beside torch: in torch's own lib folder or in the ``nvidia`` wheels torch depends on (``nvidia/cu13/lib``,
+    ``nvidia/cuda_nvrtc/lib``), else wherever the dynamic loader finds it."""
+    places = [os.path.join(os.path.dirname(torch.__file__), "lib")]
+    places += [os.path.join(sp, "nvidia", "*", "lib") for sp in site.getsitepackages()]
+    for place in places:
+        for found in sorted(glob.glob(os.path.join(place, "libnvrtc.so*"))):
             if os.path.isfile(found):
                 return found
-    return None
+    return ctypes.util.find_library("nvrtc")
 
 
 def _load_libs() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str | None]:
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return None, "no CUDA device"
-    path = _find("libnvrtc.so*")
+    path = _find_nvrtc()
     if path is None:
         return None, "NVRTC (libnvrtc.so) not found beside torch"
     try:
@@ -124,15 +128,16 @@ def kernel(
                     raise RuntimeError("no current CUDA context")
                 major, minor = torch.cuda.get_device_capability(index)
                 defines = [f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
-                           f"DO_FLIPS={int(do_flips)}", f"FORMATS={_formats_define(fmts)}"]  # fmt: skip
+                           f"DO_FLIPS={int(do_flips)}"]  # fmt: skip
+                defines += [f"FORMATS={_formats_define(fmts)}"] if fmts else []
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
                 module, fn = ctypes.c_void_p(), ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
                     raise RuntimeError("cuModuleLoadData failed")
                 if cuda.cuModuleGetFunction(ctypes.byref(fn), module, b"after_kernel") != 0:
                     raise RuntimeError("cuModuleGetFunction failed")
-                per_sm = ctypes.c_int()
-                if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, THREADS, 0) != 0:
+                per_sm, no_dynamic_smem = ctypes.c_int(), ctypes.c_size_t(0)
+                if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, THREADS, no_dynamic_smem):
                     raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
                 sms = torch.cuda.get_device_properties(index).multi_processor_count
         except (RuntimeError, OSError, AttributeError) as err:
