@@ -1,12 +1,13 @@
 """What the fine ULP histogram costs on the GPU: Triton's ``tl.histogram`` against shared-memory atomics.
 
-A probe for issue 5, not a code path of the package. The fused ``after`` kernel spends ~0.34 ms of its ~1.1 ms on
-the exact 1/16-octave ULP histogram (the state behind ``ulp_median``; session-5 ablation on an H100): Triton 3.6
-lowers ``tl.histogram`` to a ballot per bit of the bin index and a popcount per bin it owns, per element, so its cost
-grows with the bins. CUDA C can count in shared memory with one atomic per element instead. Triton exposes no shared
-memory, but the NVRTC that ships with torch's CUDA wheels compiles CUDA C at run time, and the driver API (ctypes)
-loads and launches it on torch's stream. This script times, on the same 85.8 M float32 pairs (the issue-5 GPU
-workload's parameter count; random weights and updates):
+A probe for issue 5 (session 7), which led to the package's CUDA C ``after`` kernel (``_fused_cuda.cu``). Triton's
+``after`` kernel spends ~0.34 ms of its ~1.1 ms on the exact 1/16-octave ULP histogram (the state behind
+``ulp_median``; session-5 ablation on an H100): Triton 3.6 lowers ``tl.histogram`` to a ballot per bit of the bin
+index and a popcount per bin it owns, per element, so its cost grows with the bins. CUDA C can count in shared
+memory with one atomic per element instead: Triton exposes no shared memory, but the NVRTC that ships with torch's
+CUDA wheels compiles CUDA C at run time, and the driver API (ctypes) loads and launches it on torch's stream. This
+script times, on the same 85.8 M float32 pairs (the issue-5 GPU workload's parameter count; random weights and
+updates):
 
 - ``triton ULP``: the package's ``after`` kernel with the ULP diagnostic only, with and without the histogram;
 - ``cuda ULP``: the same ULP distance in CUDA C (NVRTC), with no histogram and with a 1025-bin shared-memory one.
@@ -18,9 +19,6 @@ Usage: ``python3 benchmarks/histogram_gpu.py`` (CUDA only).
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
-import site
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +32,7 @@ ensure_importable()
 from diagnostic_pass import workload_shapes  # noqa: E402
 
 from altgrad_lightning import get_format  # noqa: E402
-from altgrad_lightning.functional import _fused  # noqa: E402
+from altgrad_lightning.functional import _fused, _fused_cuda  # noqa: E402
 from altgrad_lightning.functional._fused import FusedPass  # noqa: E402
 
 SOURCE = r"""
@@ -81,43 +79,21 @@ extern "C" __global__ void ulp_hist(const float *__restrict__ b, const float *__
 """
 
 
-def _library(pattern: str) -> ctypes.CDLL:
-    for folder in [*site.getsitepackages(), os.path.dirname(torch.__file__)]:
-        found = sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True))
-        if found:
-            return ctypes.CDLL(found[0])
-    raise SystemExit(f"{pattern} not found beside torch")
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise SystemExit(f"{what} failed: {rc}")
-
-
 def build_kernel() -> tuple[ctypes.CDLL, ctypes.c_void_p]:
-    """Compile SOURCE with NVRTC for this device and load it with the driver API; returns (libcuda, function)."""
-    nvrtc = _library("libnvrtc.so*")
-    prog = ctypes.c_void_p()
-    _check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"ulp_hist.cu", 0, None, None), "create")
+    """Compile SOURCE with NVRTC for this device (the package's loader, ``_fused_cuda``) and load it with the driver
+    API; returns (libcuda, function)."""
+    libs, reason = _fused_cuda._load_libs()
+    if libs is None:
+        raise SystemExit(reason)
+    nvrtc, cuda = libs
     major, minor = torch.cuda.get_device_capability()
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode()]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
-    if rc != 0:
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        raise SystemExit(f"NVRTC: {log.value.decode()}")
-    size = ctypes.c_size_t()
-    _check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-    cubin = ctypes.create_string_buffer(size.value)
-    _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
-    cuda = ctypes.CDLL("libcuda.so.1")
+    cubin = _fused_cuda._compile(nvrtc, f"sm_{major}{minor}", [], SOURCE.encode())
     torch.cuda.synchronize()  # the runtime has made its primary context current on this thread
     module, fn = ctypes.c_void_p(), ctypes.c_void_p()
-    _check(cuda.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
-    _check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, b"ulp_hist"), "cuModuleGetFunction")
+    if cuda.cuModuleLoadData(ctypes.byref(module), cubin) or cuda.cuModuleGetFunction(
+        ctypes.byref(fn), module, b"ulp_hist"
+    ):
+        raise SystemExit("loading the probe's cubin failed")
     return cuda, fn
 
 
@@ -144,10 +120,11 @@ def main() -> int:
                 ctypes.c_int(with_hist)]  # fmt: skip
         params_arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        _check(cuda.cuLaunchKernel(fn, sms * 8, 1, 1, 256, 1, 1, 0, stream, params_arr, None), "cuLaunchKernel")
+        if cuda.cuLaunchKernel(fn, sms * 8, 1, 1, 256, 1, 1, 0, stream, params_arr, None):
+            raise SystemExit("cuLaunchKernel failed")
 
     fmts = [get_format("float8_e4m3fn")]
-    fused = FusedPass(params, fmts, ("ulp",))
+    fused = FusedPass(params, fmts, ("ulp",), backend="triton")
     torch._foreach_copy_(params, ws)
     fused.before([torch.zeros_like(w) for w in ws], None)
     torch._foreach_copy_(params, afters)

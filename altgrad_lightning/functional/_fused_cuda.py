@@ -73,12 +73,12 @@ def _load_libs() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str | None]:
         return None, f"loading NVRTC or the CUDA driver failed: {err}"
 
 
-def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str]) -> bytes:
-    """The cubin of the source for ``arch`` with ``defines`` (``NAME=VALUE``, written as ``#define`` lines ahead of
-    the source: values may hold commas, which compiler options would split)."""
+def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | None = None) -> bytes:
+    """The cubin of ``source`` (``_fused_cuda.cu`` by default) for ``arch`` with ``defines`` (``NAME=VALUE``, written
+    as ``#define`` lines ahead of the source: values may hold commas, which compiler options would split)."""
     prog = ctypes.c_void_p()
     head = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines)
-    src = head.encode() + _SOURCE.read_bytes()
+    src = head.encode() + (_SOURCE.read_bytes() if source is None else source)
     if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"_fused_cuda.cu", 0, None, None) != 0:
         raise RuntimeError("nvrtcCreateProgram failed")
     try:
