@@ -147,6 +147,19 @@ def _assert_sums_equal(fast, ref, where):
             torch.testing.assert_close(f, r, rtol=1e-12, atol=0.0, msg=f"{where} {k}")
 
 
+def _assert_one_step_equals_reference(fused, param, grad, w, g, after, fmts, diagnostics, where):
+    """One step of ``fused`` over the single parameter ``param`` (holding ``w``, gradient ``grad`` = ``g``, then
+    stepped to ``after``) gives the reference sums of every family."""
+    fused.before([grad], None)
+    param.copy_(after.to(param.device))
+    fused.after()
+    got, _ = fused.drain()
+    ref = _reference([w], [g], [after], fmts, diagnostics)
+    for family in diagnostics:
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"{where} {family}/{key}")
+
+
 @pytest.mark.parametrize("diagnostics", [("stiffness", "grid", "ulp", "flips"), ("ulp",), ("grid", "flips")])
 def test_fused_pass_equals_reference_sums(diagnostics, backend):
     kind, dev = backend
@@ -307,14 +320,7 @@ def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypat
     param = w.to(DEVICE)
     fused = FusedPass([param], fmts, diagnostics)
     assert fused.backend == "triton"
-    fused.before([g.to(DEVICE)], None)
-    param.copy_(after.to(DEVICE))
-    fused.after()
-    got, _ = fused.drain()
-    ref = _reference([w], [g], [after], fmts, diagnostics)
-    for family in diagnostics:
-        for key in ref[family]:
-            _assert_sums_equal(got[family][key], ref[family][key], f"fallback {family}/{key}")
+    _assert_one_step_equals_reference(fused, param, g.to(DEVICE), w, g, after, fmts, diagnostics, "fallback")
     with pytest.raises(ValueError, match="CUDA C after kernel"):
         FusedPass([param], fmts, diagnostics, backend="cuda")
 
@@ -561,11 +567,4 @@ def test_c_backend_reads_tensors_at_any_alignment():
     assert param.data_ptr() % 16 != 0 and param.is_contiguous()
     assert fused_supported([param], fmts, scaled=False) and FusedPass.grads_supported([param], [grad])
     fused = FusedPass([param], fmts, diagnostics, backend="c")
-    fused.before([grad], None)
-    param.copy_(after)
-    fused.after()
-    got, _ = fused.drain()
-    ref = _reference([w], [g], [after], fmts, diagnostics)
-    for family in diagnostics:
-        for key in ref[family]:
-            _assert_sums_equal(got[family][key], ref[family][key], f"unaligned {family}/{key}")
+    _assert_one_step_equals_reference(fused, param, grad, w, g, after, fmts, diagnostics, "unaligned")
