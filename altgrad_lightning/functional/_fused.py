@@ -61,7 +61,7 @@ _STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): bench
 _MAX_FORMATS = {"before": 4, "after": 1}
 # The C backend keeps a block's lanes in L1 whatever the formats: one call per phase up to its own limit.
 _MAX_FORMATS_CPU = {"before": 8, "after": 8}
-# The CUDA C `after` kernel (_fused_cuda.cu) compiles per number of formats: up to its MAXF per launch.
+# The CUDA C `after` kernel (_fused_cuda.cu) is compiled per launch shape, for up to its MAX_FORMATS formats.
 _MAX_FORMATS_CUDA = {"before": _MAX_FORMATS["before"], "after": _fused_cuda.MAX_FORMATS}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
@@ -761,10 +761,10 @@ class FusedPass:
         16-byte aligned on CUDA. A ``.grad`` has its parameter's shape and device (torch checks that whenever it is
         set), so those are not compared again: this runs on every step, and the comparisons cost ~0.2 ms for 150
         parameters (``benchmarks/NOTES.md``, session 7)."""
-        aligned = not params or not params[0].is_cuda
+        any_alignment = not params or not params[0].is_cuda
         f32 = torch.float32
         return all(
-            g is not None and g.dtype == f32 and g.is_contiguous() and (aligned or g.data_ptr() % 16 == 0)
+            g is not None and g.dtype == f32 and g.is_contiguous() and (any_alignment or g.data_ptr() % 16 == 0)
             for g in grads
         )
 
