@@ -732,7 +732,7 @@ class QuantizationMonitor(Callback):
             self._drain_fused(fused)
             fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
         grads = [p.grad for p in fused.params]
-        if not FusedPass.grads_supported(fused.params, grads):  # e.g. a parameter without gradient at this step
+        if not FusedPass.grads_supported(grads):  # e.g. a parameter without gradient at this step
             return False
         with torch.no_grad():
             fused.before([g for g in grads if g is not None], grad_scale)

@@ -153,7 +153,7 @@ def fused_supported(
 def _fits(t: torch.Tensor) -> bool:
     """A tensor the passes read: contiguous float32, 16-byte aligned on CUDA (for the Triton kernels' vector loads;
     the C backend reads any alignment)."""
-    return t.dtype == torch.float32 and t.is_contiguous() and (t.device.type != "cuda" or t.data_ptr() % 16 == 0)
+    return t.dtype == torch.float32 and t.is_contiguous() and (not t.is_cuda or t.data_ptr() % 16 == 0)
 
 
 if HAS_TRITON:
@@ -672,7 +672,7 @@ class FusedPass:
         device = self.params[0].device
         self.backend = backend or ("c" if device.type == "cpu" else "triton")
         if backend is None and device.type == "cuda" and samples is None and HAS_TRITON:
-            self.backend = "cuda" if _cuda_after_compiles(device, self.formats, self.diagnostics) else "triton"
+            self.backend = "cuda"  # where its kernels compile (checked below, Triton's after kernel otherwise)
         self._lib = _fused_cpu.load() if self.backend == "c" else None
         if self.backend == "c":
             if self._lib is None or device.type != "cpu":
@@ -686,9 +686,6 @@ class FusedPass:
                     "Expected CUDA tensors, Triton installed and no sample for backend='cuda', but got device "
                     f"{device}{' and a sample' if samples is not None else ''}"
                 )
-            if not _cuda_after_compiles(device, self.formats, self.diagnostics):
-                why = _fused_cuda.unavailable_reason() or "it did not"
-                raise ValueError(f"Expected the CUDA C after kernel to build for backend='cuda', but {why}")
         elif self.backend != "triton" or not HAS_TRITON:
             raise ValueError(f"Expected backend 'c', 'cuda' or 'triton' (with Triton installed), but got {backend!r}")
         numels = [p.numel() for p in self.params] if samples is None else [len(i) for i in samples]
@@ -714,36 +711,13 @@ class FusedPass:
         for (offset, n), idx in zip(self._snap_slices, samples or [], strict=False):
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
-        # Formats in launches of at most _MAX_FORMATS[phase], each launch reading its tensors once.
-        max_formats = {"c": _MAX_FORMATS_CPU, "cuda": _MAX_FORMATS_CUDA}.get(self.backend, _MAX_FORMATS)
-        self._groups = {
-            phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)] for phase, k in max_formats.items()
-        }
-        # Each launch's partial-row columns, its formats' constexprs and the indices of its max columns, fixed for
-        # the pass: derived once here, not on every step.
-        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
-        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        self._launches = {
-            phase: [
-                _Launch(
-                    cols,
-                    tuple(_format_constants(f) for f in group),
-                    [j for j, c in enumerate(cols) if c[2] in _MAX_COLS],
-                    [
-                        (cols.index(("flips", None, "n_updated")), cols.index(("flips", f, "n_stall")))
-                        for f in range(len(group))
-                        if ("flips", f, "n_stall") in cols
-                    ],
-                )
-                for gi, group in enumerate(self._groups[phase])
-                for cols in [
-                    _before_columns(do_stiff, do_grid, len(group))
-                    if phase == "before"
-                    else _after_columns(do_ulp and gi == 0, do_flips, len(group))
-                ]
-            ]
-            for phase in self._groups
-        }
+        self._groups, self._launches = self._plan()
+        if self.backend == "cuda" and not self._cuda_after_compiles():
+            if backend is not None:
+                why = _fused_cuda.unavailable_reason() or "it did not"
+                raise ValueError(f"Expected the CUDA C after kernel to build for backend='cuda', but {why}")
+            self.backend = "triton"
+            self._groups, self._launches = self._plan()
         # Running sums since the last drain(): (phase, group) -> (float64 column sums, maxima or None).
         self._acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
@@ -755,18 +729,55 @@ class FusedPass:
         self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
 
+    def _plan(self) -> tuple[dict[str, list[list[FloatFormat]]], dict[str, list[_Launch]]]:
+        """The formats of each phase in launches of at most the backend's limit (each launch reads its tensors
+        once; ULP goes with the first ``after`` launch), and each launch's partial-row columns, formats' constants
+        and the indices of its max and stall columns: fixed for the pass, derived once here, not on every step."""
+        k_of = {"c": _MAX_FORMATS_CPU, "cuda": _MAX_FORMATS_CUDA}.get(self.backend, _MAX_FORMATS)
+        groups = {phase: [self.formats[i : i + k] for i in range(0, len(self.formats), k)] for phase, k in k_of.items()}
+        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
+        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
+        launches = {
+            phase: [
+                _Launch(
+                    cols,
+                    tuple(_format_constants(f) for f in group),
+                    [j for j, c in enumerate(cols) if c[2] in _MAX_COLS],
+                    [
+                        (cols.index(("flips", None, "n_updated")), cols.index(("flips", f, "n_stall")))
+                        for f in range(len(group))
+                        if ("flips", f, "n_stall") in cols
+                    ],
+                )
+                for gi, group in enumerate(groups[phase])
+                for cols in [
+                    _before_columns(do_stiff, do_grid, len(group))
+                    if phase == "before"
+                    else _after_columns(do_ulp and gi == 0, do_flips, len(group))
+                ]
+            ]
+            for phase in groups
+        }
+        return groups, launches
+
+    def _cuda_after_compiles(self) -> bool:
+        """Compile (once per process and launch shape) the CUDA C ``after`` kernels of this pass's launches; False
+        where NVRTC cannot."""
+        do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
+        return all(
+            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips) is not None
+            for gi, launch in enumerate(self._launches["after"])
+            for ulp in [do_ulp and gi == 0]
+            if ulp or do_flips
+        )
+
     @staticmethod
-    def grads_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> bool:
+    def grads_supported(grads: Sequence[torch.Tensor | None]) -> bool:
         """Whether this step's gradients (the parameters' ``.grad``) fit the fast path: float32, contiguous, and
         16-byte aligned on CUDA. A ``.grad`` has its parameter's shape and device (torch checks that whenever it is
         set), so those are not compared again: this runs on every step, and the comparisons cost ~0.2 ms for 150
         parameters (``benchmarks/NOTES.md``, session 7)."""
-        any_alignment = not params or not params[0].is_cuda
-        f32 = torch.float32
-        return all(
-            g is not None and g.dtype == f32 and g.is_contiguous() and (any_alignment or g.data_ptr() % 16 == 0)
-            for g in grads
-        )
+        return all(g is not None and _fits(g) for g in grads)
 
     def sample_of(self, i: int) -> torch.Tensor:
         """The sampled element indices of parameter ``i`` (a view of the pass's own buffer)."""
@@ -948,20 +959,6 @@ class FusedPass:
         self._before_steps = self._after_steps = 0
         self._after_taken = None
         return out, stalls
-
-
-def _cuda_after_compiles(device: torch.device, formats: Sequence[FloatFormat], diagnostics: set[str]) -> bool:
-    """Compile (once per process and shape) the CUDA C ``after`` kernels a pass needs; False where NVRTC cannot."""
-    do_ulp, do_flips = "ulp" in diagnostics, "flips" in diagnostics
-    k = _MAX_FORMATS_CUDA["after"]
-    rows = [_format_constants(f) for f in formats]
-    groups = [tuple(rows[i : i + k]) for i in range(0, len(rows), k)]
-    shapes = [(fmts, do_ulp and gi == 0, do_flips) for gi, fmts in enumerate(groups)]
-    return all(
-        _fused_cuda.kernel(device, fmts, ulp, ulp and _HIST, flips) is not None
-        for fmts, ulp, flips in shapes
-        if ulp or flips
-    )
 
 
 def _pow2_at_least(n: int) -> int:
