@@ -410,6 +410,8 @@ def test_fast_quantize_equals_the_reference_arithmetic(name, sat, in_dtype, back
     from altgrad_lightning.quantize import Rounding, quantize_scaled
 
     kind, dev = backend
+    if kind == "cuda":
+        pytest.skip("quantize has no CUDA C path: on CUDA it is the Triton kernel, the 'triton' case")
     fmt = get_format(name)
     assert fused_format_supported(fmt)
     w, _, after = _adversarial(5000, seed=3)

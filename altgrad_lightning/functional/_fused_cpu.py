@@ -34,7 +34,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["load", "unavailable_reason"]
+__all__ = ["describe", "load", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
