@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
 _reason: str | None = None
 _tried = False
-_kernels: dict[tuple[int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int]] = {}
+_kernels: dict[tuple[int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int] | None] = {}
 
 
 def _formats_define(fmts: Sequence[_Row]) -> str:
@@ -141,7 +141,9 @@ def kernel(
                     raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
                 sms = torch.cuda.get_device_properties(index).multi_processor_count
         except (RuntimeError, OSError, AttributeError) as err:
-            _libs, _reason = None, f"the CUDA C after kernel is unavailable: {err}"
+            # This shape only: kernels compiled before keep running (passes that hold them keep their backend).
+            _reason = f"the CUDA C after kernel is unavailable: {err}"
+            _kernels[key] = None
             return None
         _kernels[key] = (fn, max(1, per_sm.value) * sms)
         return _kernels[key]
