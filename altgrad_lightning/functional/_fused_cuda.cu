@@ -6,11 +6,14 @@
  * which Triton does not expose (benchmarks/histogram_gpu.py, benchmarks/NOTES.md, session 7).
  *
  * The same chunk table, the same partial rows (the columns of _after_columns, float64) and the same histogram
- * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. The element arithmetic
- * is the C backend's generic code (_fused_cpu.c) line for line; compiled with --fmad=false, so no product is fused
- * into an addition and every sum term is rounded as the reference's. Each warp takes chunks in turn (a grid-stride
- * loop) and reduces each chunk's sums to its row with shuffles; a block's warps share one shared-memory histogram
- * for all their chunks, added to the global one at the end.
+ * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. Every grid value, index,
+ * distance and sum term is the C backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound
+ * by instruction issue (benchmarks/NOTES.md, session 8): nearest-even rounding at or above 2**EMIN on the bits,
+ * excluded pairs read as (0, 0) once instead of a select per format, the histogram without a branch, and the
+ * squares accumulated with fma (one rounding per term where the reference has two, far inside the tests' 1e-12 of
+ * the reference sums). Compiled with --fmad=false: no other product is fused into an addition. Each warp takes
+ * chunks in turn (a grid-stride loop) and reduces each chunk's sums to its row with shuffles; a block's warps share
+ * one shared-memory histogram for all their chunks, added to the global one at the end.
  */
 #define CHUNK 8192
 #define THREADS 256
@@ -33,10 +36,12 @@ struct Fmt {
 #define FORMATS {{-6, 8, 3, 126, 0x46800000u, 0x1p3f, 0x1.cp8f, 0x1p14f, 0x1.cp8}} /* float8_e4m3fn */
 #endif
 __device__ constexpr Fmt FMTS[NFA] = FORMATS;
+#ifndef STEPS_T /* 32 bits where CHUNK / 32 * 2 * IMAX < 2**32 for every format (_fused_cuda.py) */
+#define STEPS_T unsigned long long
+#endif
 
 __device__ __forceinline__ int floor_log2(float a) { return (int)(__float_as_uint(a) >> 23) - 127; }
 __device__ __forceinline__ float pow2_f32(int e) { return __uint_as_float((unsigned)(e + 127) << 23); }
-__device__ __forceinline__ double pow2_f64(int e) { return __longlong_as_double((long long)(e + 1023) << 52); }
 
 /* Nearest-even grid value of non-negative float32 `a` in F, saturated at F's max, and its order-preserving grid
  * index (_fused_cpu.c: round_raw and round_index; only finite `a` matter). */
@@ -46,14 +51,13 @@ __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) 
     int idx;
     if (F.m < 23) { /* both branches, then a select: lanes of a warp often fall on both sides of 2**EMIN */
         const bool normal = bits >= (unsigned)((F.emin + 127) << 23);
-        const float t = __uint_as_float((bits & 0x7FFFFFu) | ((unsigned)(F.m + 127) << 23)) + 8388608.0f;
-        const unsigned n = __float_as_uint(t) - 0x4B000000u;
-        const float q_normal = __uint_as_float((bits & 0x7F800000u) - 0x800000u + (n << (23 - F.m)));
-        const int i_normal = (int)((((bits >> 23) - (unsigned)(F.emin + 127)) << F.m) + n);
+        /* At or above 2**EMIN: nearest-even rounding of the bits at the M-th significand bit (a carry moves into
+         * the exponent field); the rounded bits shifted down are the index plus (EMIN + 126) << M. */
+        const unsigned r = (bits + ((1u << (22 - F.m)) - 1u) + ((bits >> (23 - F.m)) & 1u)) & ~((1u << (23 - F.m)) - 1u);
         /* below 2**EMIN: a + 2**(EMIN - M + 23) rounds a onto the multiples of 2**(EMIN - M) */
         const float t_sub = a + F.sub_c;
-        q = normal ? q_normal : t_sub - F.sub_c;
-        idx = normal ? i_normal : (int)(__float_as_uint(t_sub) - F.sub_c_bits);
+        q = normal ? __uint_as_float(r) : t_sub - F.sub_c;
+        idx = normal ? (int)(r >> (23 - F.m)) - ((F.emin + 126) << F.m) : (int)(__float_as_uint(t_sub) - F.sub_c_bits);
     } else { /* float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23 */
         const int e = max(floor_log2(a), F.emin);
         const bool big = e > 0;
@@ -70,8 +74,8 @@ __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) 
 
 /* float32 bits to an order-preserving int (-0 and +0 both 0). */
 __device__ __forceinline__ int ordered(float x) {
-    const int bits = __float_as_int(x);
-    return bits < 0 ? -(bits & 0x7FFFFFFF) : bits;
+    const int bits = __float_as_int(x), s = bits >> 31; /* 0 or -1 */
+    return ((bits & 0x7FFFFFFF) ^ s) - s;
 }
 
 /* Warp-wide sum (or max) of one value; lane 0 gets the result. */
@@ -102,14 +106,16 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
         const long long end = start + CHUNK < n ? start + CHUNK : n;
         const float *W = (const float *)w_tab[t];
         const float *B = snap + snap_off[t];
-        unsigned int n_valid = 0, n_zero = 0, u_max = 0, n_upd = 0; /* counts of one chunk fit 32 bits */
+        /* Counts of one chunk fit 32 bits. n_moved counts w != b: the pairs with a ULP distance (d = 0 exactly where
+         * w == b, -0 and +0 alike), the updated pairs of the flips; the rows' n_zero and n_stall are differences. */
+        unsigned int n_valid = 0, n_moved = 0, u_max = 0;
         unsigned long long u_sum = 0;
-        unsigned int flip[NFA], stall[NFA];
-        long long steps_s[NFA];
+        unsigned int flip[NFA];
+        STEPS_T steps_s[NFA];
         double f_dd = 0.0, move_s[NFA], near_s[NFA], sr_s[NFA];
 #pragma unroll
         for (int f = 0; f < NFA; f++) {
-            flip[f] = stall[f] = 0;
+            flip[f] = 0;
             steps_s[f] = 0;
             move_s[f] = near_s[f] = sr_s[f] = 0.0;
         }
@@ -119,66 +125,67 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
         for (long long base = start + 4 * lane; base < end; base += 4 * 32) {
             const float4 bv = *(const float4 *)(B + base), wv = *(const float4 *)(W + base);
             const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+            const long long n_here = end - base; /* >= 1; elements j >= n_here are past the chunk's end */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const float b = bb[j], w = ww[j], ab = fabsf(b), aw = fabsf(w);
-                const bool valid = base + j < end && ab < __int_as_float(0x7F800000) && aw < __int_as_float(0x7F800000);
+                const bool valid = (j < n_here) & (fabsf(bb[j]) < __int_as_float(0x7F800000)) &
+                                   (fabsf(ww[j]) < __int_as_float(0x7F800000));
+                /* An excluded pair is counted out of n_valid and read as (0, 0) below: it adds 0 to every sum and
+                 * count (no select per format). */
+                const float b = valid ? bb[j] : 0.0f, w = valid ? ww[j] : 0.0f, ab = fabsf(b), aw = fabsf(w);
                 n_valid += valid;
+                n_moved += w != b;
                 if (DO_ULP) {
                     const int kb = ordered(b), kw = ordered(w);
-                    const unsigned d = !valid ? 0u : kw >= kb ? (unsigned)kw - (unsigned)kb : (unsigned)kb - (unsigned)kw;
-                    n_zero += valid && d == 0;
+                    const unsigned d = kw >= kb ? (unsigned)kw - (unsigned)kb : (unsigned)kb - (unsigned)kw;
                     u_sum += d;
                     u_max = d > u_max ? d : u_max;
-                    if (DO_HIST && d != 0) {
+                    if (DO_HIST) {
                         /* Bucket 1 + 16 k + s (k = floor(log2 d), s the four bits below the leading one): the
                          * exponent field and top four significand bits of d as a float32, exact for d < 2**24;
-                         * d >= 2**24 is shifted right by 8 first (the C backend's formulation). */
+                         * d >= 2**24 is shifted right by 8 first (the C backend's formulation). d = 0 goes to
+                         * bucket 0, which is not added to the global histogram (no branch per element). */
                         const unsigned big = d >= (1u << 24);
                         const unsigned dd = big ? d >> 8 : d;
-                        atomicAdd(&h[(__float_as_int((float)dd) >> 19) - (16 * 127 - 1) + (big ? 128 : 0)], 1u);
+                        const int bucket = (__float_as_int((float)dd) >> 19) - (16 * 127 - 1) + (big ? 128 : 0);
+                        atomicAdd(&h[d != 0u ? bucket : 0], 1u);
                     }
                 }
                 if (DO_FLIPS) {
-                    const bool updated = valid && w != b;
-                    n_upd += updated;
-                    const double delta = updated ? (double)w - (double)b : 0.0; /* exact */
-                    f_dd += delta * delta;
+                    const double delta = (double)w - (double)b; /* exact */
+                    f_dd = fma(delta, delta, f_dd);
                     const bool b_neg = b < 0.0f, w_neg = w < 0.0f;
-                    const bool toward_sign = (updated && w < b) != b_neg;
+                    const bool toward_sign = (w < b) != b_neg;
                     const double ad = fabs(delta);
 #pragma unroll
                     for (int f = 0; f < NF; f++) {
                         const Fmt &F = FMTS[f];
                         int ib, iw;
                         const float qb = round_index(ab, F, &ib), qw = round_index(aw, F, &iw);
-                        long long steps;
-                        if (F.imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX fits an int */
-                            const int d_i = (w_neg ? -iw : iw) - (b_neg ? -ib : ib);
-                            steps = valid ? abs(d_i) : 0;
-                        } else {
-                            const long long sw = w_neg ? -(long long)iw : iw, sb = b_neg ? -(long long)ib : ib;
-                            steps = valid ? llabs(sw - sb) : 0;
-                        }
-                        flip[f] += steps != 0;
-                        stall[f] += updated && steps == 0;
+                        /* |sw - sb| <= 2 IMAX; a lane's sum over its CHUNK / 32 elements fits 32 bits (STEPS_T) */
+                        const STEPS_T steps = F.imax < (1 << 30) ? (STEPS_T)abs((w_neg ? -iw : iw) - (b_neg ? -ib : ib))
+                                                                 : (STEPS_T)llabs((w_neg ? -(long long)iw : iw) -
+                                                                                  (b_neg ? -(long long)ib : ib));
+                        flip[f] += steps != 0; /* only where w != b: the same value rounds the same */
                         steps_s[f] += steps;
-                        /* Stochastic-rounding what-if (flips._survival), as in the C backend. */
-                        const double vb = valid ? (double)(b_neg ? -qb : qb) : 0.0;
-                        const double vw = valid ? (double)(w_neg ? -qw : qw) : 0.0;
-                        const int eb = max(floor_log2(qb), F.emin);
-                        const bool toward = qb != 0.0f && toward_sign;
-                        const bool half = toward && eb > F.emin && (__float_as_uint(qb) & 0x7FFFFFu) == 0u;
-                        const double inv_gap = pow2_f64(half ? F.m + 1 - eb : F.m - eb);
-                        double p = ad * inv_gap;
-                        p = p < 1.0 ? p : 1.0;
-                        move_s[f] += (qb >= F.fmax && !toward) ? 0.0 : p;
-                        double s = vb + delta;
-                        s = s > -F.fmax64 ? s : -F.fmax64;
-                        s = s < F.fmax64 ? s : F.fmax64;
-                        const double e_sr = s - vb, m_near = vw - vb;
-                        near_s[f] += m_near * m_near;
-                        sr_s[f] += e_sr * e_sr;
+                        /* Stochastic-rounding what-if (flips._survival). The gap toward Δ is 2**(eb - M), half of
+                         * it from a power of two above 2**EMIN toward zero; none outward from max (stuck): its
+                         * inverse is built as float64 bits (0 when stuck). */
+                        const unsigned qb_bits = __float_as_uint(qb);
+                        const double vb = (double)__uint_as_float(qb_bits | (__float_as_uint(b) & 0x80000000u));
+                        const double vw = (double)__uint_as_float(__float_as_uint(qw) | (__float_as_uint(w) & 0x80000000u));
+                        const int eb = max((int)(qb_bits >> 23), F.emin + 127);
+                        const bool toward = qb_bits != 0u && toward_sign;
+                        const bool half = toward && eb > F.emin + 127 && (qb_bits & 0x7FFFFFu) == 0u;
+                        const bool stuck = qb >= F.fmax && !toward;
+                        const unsigned inv_gap_hi = stuck ? 0u : (unsigned)(F.m + 127 + 1023 + half - eb) << 20;
+                        const double p = ad * __hiloint2double((int)inv_gap_hi, 0);
+                        move_s[f] += p < 1.0 ? p : 1.0;
+                        /* E[SR(vb + Δ)] - vb: Δ, clipped to the range */
+                        const double s = vb + delta;
+                        const double e_sr = (fabs(s) > F.fmax64 ? copysign(F.fmax64, s) : s) - vb, m_near = vw - vb;
+                        near_s[f] = fma(m_near, m_near, near_s[f]);
+                        sr_s[f] = fma(e_sr, e_sr, sr_s[f]);
                     }
                 }
             }
@@ -186,21 +193,20 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
         /* The chunk's row (the columns of _after_columns). */
         double *row = part + c * ncols;
         const unsigned int v = warp_reduce<unsigned int, false>(n_valid);
+        const unsigned int u = warp_reduce<unsigned int, false>(n_moved);
         if (lane == 0) row[0] = (double)v;
         int col = 1;
         if (DO_ULP) {
-            const unsigned int z = warp_reduce<unsigned int, false>(n_zero);
             const unsigned long long s = warp_reduce<unsigned long long, false>(u_sum);
             const unsigned int mx = warp_reduce<unsigned int, true>(u_max);
             if (lane == 0) {
-                row[1] = (double)z;
+                row[1] = (double)(v - u); /* n_zero */
                 row[2] = (double)s;
                 row[3] = (double)mx;
             }
             col = 4;
         }
         if (DO_FLIPS) {
-            const unsigned int u = warp_reduce<unsigned int, false>(n_upd);
             const double dd = warp_reduce<double, false>(f_dd);
             if (lane == 0) {
                 row[col] = (double)u;
@@ -210,7 +216,6 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
 #pragma unroll
             for (int f = 0; f < NF; f++) {
                 const unsigned int fl = warp_reduce<unsigned int, false>(flip[f]);
-                const unsigned int st = warp_reduce<unsigned int, false>(stall[f]);
                 const unsigned long long sp =
                     warp_reduce<unsigned long long, false>((unsigned long long)steps_s[f]);
                 const double mv = warp_reduce<double, false>(move_s[f]);
@@ -218,7 +223,7 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                 const double sr = warp_reduce<double, false>(sr_s[f]);
                 if (lane == 0) {
                     row[col] = (double)fl;
-                    row[col + 1] = (double)st;
+                    row[col + 1] = (double)(u - fl); /* n_stall: updated, no grid step */
                     row[col + 2] = (double)sp;
                     row[col + 3] = mv;
                     row[col + 4] = nr;
@@ -231,6 +236,6 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
     if (DO_HIST) {
         __syncthreads();
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS)
-            if (h[i]) atomicAdd(&hist[i], (unsigned long long)h[i]);
+            if (i != 0 && h[i]) atomicAdd(&hist[i], (unsigned long long)h[i]);
     }
 }

@@ -130,6 +130,8 @@ def kernel(
                 defines = [f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
                            f"DO_FLIPS={int(do_flips)}"]  # fmt: skip
                 defines += [f"FORMATS={_formats_define(fmts)}"] if fmts else []
+                # A lane sums at most CHUNK / 32 = 256 grid-step counts of at most 2 IMAX each.
+                defines += ["STEPS_T=unsigned"] if fmts and max(f[5] for f in fmts) < 2**23 else []
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
                 module, fn = ctypes.c_void_p(), ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
