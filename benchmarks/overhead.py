@@ -16,6 +16,8 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``naivelog``: the same, logging every per-parameter value with ``self.log`` (not in the default list);
 - ``m1``, ``m2``, ``m3``: ``QuantizationMonitor`` with all diagnostics and the first 1, 2, 3 formats of ``F``;
 - ``every10``: ``m1`` with ``every_n_steps=10``;
+- ``alt1``, ``alt3``: ``m1`` and ``m3`` with ``every_n_steps=2`` (not in the default list): computed and skipped
+  steps alternate inside one run, which gives the **in-run ratio** (below);
 - ``nosnap``: ``m1`` with ``diagnostics=("stiffness", "grid")`` (no snapshot of the weights);
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
 - ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (the fused path
@@ -39,6 +41,10 @@ Method:
   Per run the median step is kept (``ms/step``) and the mean (``mean ms``, which amortises ``every_n_steps`` > 1);
   the table shows the median over repeats. ``ratio`` is the median over repeats of the run's median step time over
   the baseline's median step time *in the same round* (paired, so drift between rounds cancels).
+- **In-run ratio** (``alt1``, ``alt3``). Where the machine drifts between runs by more than the effect (shared hosts:
+  ±10 % between rounds on the GPU machines), pairing within one run is finer: every computed step over the mean of
+  its two neighbours, which skip the diagnostics and cost what a step without the callback costs (``every10``).
+  The median over all such triples of all rounds is printed under the table.
 - **Callback time.** The per-step hooks the diagnostics callback overrides, and every optimizer step pre/post hook
   registered on the optimizer (the optimizer's ``register_step_*_hook`` is wrapped in ``configure_optimizers``), are
   wrapped with timers: CUDA events on the current stream on CUDA (no extra host synchronisation; GPU time from the
@@ -194,6 +200,7 @@ class NullLogger(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.keys: set[str] = set()
 
     @property
     def name(self) -> str:
@@ -208,6 +215,7 @@ class NullLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.calls += 1
+        self.keys.update(metrics)
 
 
 # --- timing ----------------------------------------------------------------------------------------------------------
@@ -402,6 +410,16 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
                     lambda scaling=scaling: QuantizationMonitor(formats=f1, scaling=scaling, sample_fraction=0.02),
                 )
             )
+    for k in (1, 3):
+        fk = formats[:k]
+        out.append(
+            Variant(
+                f"alt{k}",
+                f"QuantizationMonitor, {k} format{'s' if k > 1 else ''}, every_n_steps=2",
+                lambda fk=fk: QuantizationMonitor(formats=fk, every_n_steps=2),
+                every_n=2,
+            )
+        )
     out += [
         Variant(
             "every10",
@@ -436,6 +454,7 @@ class RunResult:
     window_peak_bytes: int | None
     logged_keys: int
     computed_steps: int
+    in_run_ratios: list[float]  # every_n == 2: each computed step over the mean of its two (skipped) neighbours
 
 
 def run_once(variant: Variant, model: TransformerLM, device: torch.device, args: argparse.Namespace) -> RunResult:
@@ -473,7 +492,15 @@ def run_once(variant: Variant, model: TransformerLM, device: torch.device, args:
     per_step_cb = [sum(rec.hook_seconds[i].values()) for i in measured]
     computed = [i for i in measured if rec.global_steps[i] % variant.every_n == 0]
     pass_times = [rec.hook_seconds[i]["pass"] for i in computed] if cb is not None else []
-    logged = [k for k in trainer.logged_metrics if k.startswith(("altgrad/", "naive/"))]
+    by_step = dict(zip(measured, steps, strict=True))
+    in_run = [
+        by_step[i] / ((by_step[i - 1] + by_step[i + 1]) / 2)
+        for i in computed
+        if variant.every_n == 2 and i - 1 in by_step and i + 1 in by_step
+    ]
+    # QuantizationMonitor hands its values to the loggers directly; the naive callback logs through self.log.
+    received = set(trainer.logged_metrics) | (logger.keys if isinstance(logger, NullLogger) else set())
+    logged = [k for k in received if k.startswith(("altgrad/", "naive/"))]
     result = RunResult(
         step_median=median(steps),
         step_mean=sum(steps) / len(steps),
@@ -484,6 +511,7 @@ def run_once(variant: Variant, model: TransformerLM, device: torch.device, args:
         window_peak_bytes=rec.window_peak_bytes,
         logged_keys=len(logged),
         computed_steps=len(computed),
+        in_run_ratios=in_run,
     )
     model.zero_grad(set_to_none=True)
     del trainer, cb, callbacks, rec, timer
@@ -555,10 +583,18 @@ def report(
         f"{n_params:,} params = {diagnostic_bytes(n_params, weight_bytes, grad_bytes) / MiB:.1f} MiB → "
         f"{floor_all * 1e3:.3f} ms at copy bandwidth."
     )
+    for v in variants:
+        pairs = [x for r in v.runs for x in r.in_run_ratios]
+        if pairs:
+            rounds = ", ".join(f"{median(r.in_run_ratios):.3f}" for r in v.runs if r.in_run_ratios)
+            print(
+                f"- {v.key}: in-run ratio {median(pairs):.3f}x (computed step over the mean of its two skipped "
+                f"neighbours, median of {len(pairs)} triples; per round {rounds})"
+            )
     for v in variants[1:]:
         keys = sorted({r.logged_keys for r in v.runs})
         computed = sorted({r.computed_steps for r in v.runs})
-        print(f"- {v.key}: logged keys per step {keys}, computed steps per run {computed}")
+        print(f"- {v.key}: logged keys {keys}, computed steps per run {computed}")
     if cuda:
         print(
             f"Baseline peak allocated: {base_peak / MiB:.0f} MiB over the measured steps, {base_window / MiB:.0f} MiB "
