@@ -75,10 +75,10 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_fused_cpu, "_tried", True)
         return "c", "cpu"
     if request.param == "cuda":
-        from altgrad_lightning.functional._fused import _format_constants
+        from altgrad_lightning.functional._fused import CHUNK, _format_constants
 
         row = _format_constants(get_format("float8_e4m3fn"))
-        if _fused_cuda.kernel(torch.device("cuda"), (row,), True, True, True) is None:
+        if _fused_cuda.kernel(torch.device("cuda"), (row,), True, True, True, chunk=CHUNK) is None:
             pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
         return "cuda", "cuda"
     return "triton", DEVICE
@@ -316,7 +316,7 @@ def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypat
     fmts = [get_format("float8_e4m3fn")]
     diagnostics = ("ulp", "flips")
     w, g, after = _adversarial(5000, 3)
-    monkeypatch.setattr(_fused_cuda, "kernel", lambda *args: None)
+    monkeypatch.setattr(_fused_cuda, "kernel", lambda *args, **kwargs: None)
     param = w.to(DEVICE)
     fused = FusedPass([param], fmts, diagnostics)
     assert fused.backend == "triton"

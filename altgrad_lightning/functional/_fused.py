@@ -722,6 +722,8 @@ class FusedPass:
         self._acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
+        # The CUDA C kernel's chunk counter and warps-done counter (it sets them back to 0 when it ends).
+        self._work = torch.zeros(2, dtype=torch.int32, device=device) if self.backend == "cuda" else None
         self._before_steps = 0
         self._after_steps = 0  # steps taken for sure; AMP-masked ones in _after_taken (on the device)
         self._after_taken: torch.Tensor | None = None
@@ -765,7 +767,7 @@ class FusedPass:
         where NVRTC cannot."""
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
         return all(
-            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips) is not None
+            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK) is not None
             for gi, launch in enumerate(self._launches["after"])
             for ulp in [do_ulp and gi == 0]
             if ulp or do_flips
@@ -892,12 +894,13 @@ class FusedPass:
     def _run_cuda(self, launch: _Launch, part: torch.Tensor, hist: torch.Tensor, do_ulp: bool, do_flips: bool) -> None:
         """The ``after`` phase of one launch through the CUDA C kernel (compiled in ``__init__`` or on first use)."""
         device = self.snapshot.device
-        compiled = _fused_cuda.kernel(device, launch.fmts, do_ulp, do_ulp and _HIST, do_flips)
+        compiled = _fused_cuda.kernel(device, launch.fmts, do_ulp, do_ulp and _HIST, do_flips, chunk=CHUNK)
         if compiled is None:  # pragma: no cover - compiled once already when the backend was chosen
             raise RuntimeError(f"the CUDA C after kernel is gone: {_fused_cuda.unavailable_reason()}")
         fn, grid = compiled
         tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel)
-        _fused_cuda.launch(fn, grid, (*tables, self.snapshot, part, hist), self.n_chunks, part.shape[1])
+        assert self._work is not None
+        _fused_cuda.launch(fn, grid, (*tables, self.snapshot, part, hist, self._work), self.n_chunks, part.shape[1])
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of

@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
 _reason: str | None = None
 _tried = False
-_kernels: dict[tuple[int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int] | None] = {}
+_kernels: dict[tuple[int, int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int] | None] = {}
 
 
 def _formats_define(fmts: Sequence[_Row]) -> str:
@@ -103,14 +103,15 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | 
 
 
 def kernel(
-    device: torch.device, fmts: Sequence[_Row], do_ulp: bool, do_hist: bool, do_flips: bool
+    device: torch.device, fmts: Sequence[_Row], do_ulp: bool, do_hist: bool, do_flips: bool, *, chunk: int
 ) -> tuple[ctypes.c_void_p, int] | None:
     """The compiled ``after_kernel`` for these formats (rows of ``_fused._format_constants``, at most
-    :data:`MAX_FORMATS`) and families on ``device``, and its grid size (resident blocks on all SMs), or ``None``
-    where CUDA C cannot be compiled or loaded here."""
+    :data:`MAX_FORMATS`) and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple
+    of 128), and its grid size (resident blocks on all SMs), or ``None`` where CUDA C cannot be compiled or loaded
+    here."""
     global _libs, _reason, _tried
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, tuple(fmts), do_ulp, do_hist, do_flips)
+    key = (index, chunk, tuple(fmts), do_ulp, do_hist, do_flips)
     with _lock:
         if key in _kernels:
             return _kernels[key]
@@ -127,11 +128,11 @@ def kernel(
                 if cuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
                     raise RuntimeError("no current CUDA context")
                 major, minor = torch.cuda.get_device_capability(index)
-                defines = [f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
+                defines = [f"CHUNK={chunk}", f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
                            f"DO_FLIPS={int(do_flips)}"]  # fmt: skip
                 defines += [f"FORMATS={_formats_define(fmts)}"] if fmts else []
-                # A lane sums at most CHUNK / 32 = 256 grid-step counts of at most 2 IMAX each.
-                defines += ["STEPS_T=unsigned"] if fmts and max(f[5] for f in fmts) < 2**23 else []
+                # A lane sums at most chunk / 32 grid-step counts of at most 2 IMAX each.
+                defines += ["STEPS_T=unsigned"] if fmts and chunk // 32 * 2 * max(f[5] for f in fmts) < 2**32 else []
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
                 module, fn = ctypes.c_void_p(), ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
@@ -153,7 +154,7 @@ def kernel(
 
 def launch(fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_chunks: int, ncols: int) -> None:
     """Launch on torch's current stream: ``tensors`` are w_tab, snap_off, chunk_t, chunk_start, numel, snapshot,
-    part and hist, in the kernel's order."""
+    part, hist and the work counters (two int32 zeros, which the kernel leaves at zero), in the kernel's order."""
     assert _libs is not None
     args: list[Any] = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
     args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols)]
