@@ -8,12 +8,14 @@
  * The same chunk table, the same partial rows (the columns of _after_columns, float64) and the same histogram
  * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. Every grid value, index,
  * distance and sum term is the C backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound
- * by instruction issue (benchmarks/NOTES.md, session 8): nearest-even rounding at or above 2**EMIN on the bits,
- * excluded pairs read as (0, 0) once instead of a select per format, the histogram without a branch, and the
- * squares accumulated with fma (one rounding per term where the reference has two, far inside the tests' 1e-12 of
- * the reference sums). Compiled with --fmad=false: no other product is fused into an addition. Each warp takes
- * chunks in turn (a grid-stride loop) and reduces each chunk's sums to its row with shuffles; a block's warps share
- * one shared-memory histogram for all their chunks, added to the global one at the end.
+ * by its integer and logic (ALU) pipe (Nsight Compute: 85 % busy; benchmarks/NOTES.md, session 8), so the
+ * formulation counts ALU instructions: nearest-even rounding at or above 2**EMIN on the bits, saturation as two
+ * minima, excluded pairs read as (0, 0) once instead of a select per format, the histogram bucket from a
+ * conversion toward zero without a branch, the stochastic-rounding gap's exponent from the bits of qb (minus one
+ * toward zero), and the squares accumulated with fma (one rounding per term where the reference has two, far inside
+ * the tests' 1e-12 of the reference sums). Compiled with --fmad=false: no other product is fused into an addition.
+ * Each warp draws chunks from a counter and reduces each chunk's sums to its row with shuffles; a block's warps
+ * share one shared-memory histogram for all their chunks, added to the global one at the end.
  */
 #ifndef CHUNK /* elements per chunk of the chunk table (_fused.CHUNK), defined by _fused_cuda.py */
 #define CHUNK 8192
@@ -69,9 +71,9 @@ __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) 
         const float ns = (n >= 0.0f && n < 2147483648.0f) ? n : 0.0f;
         idx = (int)(((unsigned)(e - F.emin) << F.m) + (unsigned)(int)ns);
     }
-    const bool over = idx > F.imax;
-    *index = over ? F.imax : idx;
-    return over ? F.fmax : q;
+    /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
+    *index = min(idx, F.imax);
+    return fminf(q, F.fmax);
 }
 
 /* float32 bits to an order-preserving int (-0 and +0 both 0). */
@@ -118,12 +120,12 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
          * w == b, -0 and +0 alike), the updated pairs of the flips; the rows' n_zero and n_stall are differences. */
         unsigned int n_valid = 0, n_moved = 0, u_max = 0;
         unsigned long long u_sum = 0;
-        unsigned int flip[NFA];
+        unsigned int flip[NFA], n_whole[NFA]; /* n_whole: what-if moves of probability 1 */
         STEPS_T steps_s[NFA];
         double f_dd = 0.0, move_s[NFA], near_s[NFA], sr_s[NFA];
 #pragma unroll
         for (int f = 0; f < NFA; f++) {
-            flip[f] = 0;
+            flip[f] = n_whole[f] = 0;
             steps_s[f] = 0;
             move_s[f] = near_s[f] = sr_s[f] = 0.0;
         }
@@ -133,7 +135,7 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
         for (long long base = start + 4 * lane; base < end; base += 4 * 32) {
             const float4 bv = *(const float4 *)(B + base), wv = *(const float4 *)(W + base);
             const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-            const long long n_here = end - base; /* >= 1; elements j >= n_here are past the chunk's end */
+            const int n_here = (int)min(end - base, 4LL); /* >= 1; elements j >= n_here are past the chunk's end */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const bool valid = (j < n_here) & (fabsf(bb[j]) < __int_as_float(0x7F800000)) &
@@ -150,20 +152,18 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                     u_max = d > u_max ? d : u_max;
                     if (DO_HIST) {
                         /* Bucket 1 + 16 k + s (k = floor(log2 d), s the four bits below the leading one): the
-                         * exponent field and top four significand bits of d as a float32, exact for d < 2**24;
-                         * d >= 2**24 is shifted right by 8 first (the C backend's formulation). d = 0 goes to
-                         * bucket 0, which is not added to the global histogram (no branch per element). */
-                        const unsigned big = d >= (1u << 24);
-                        const unsigned dd = big ? d >> 8 : d;
-                        const int bucket = (__float_as_int((float)dd) >> 19) - (16 * 127 - 1) + (big ? 128 : 0);
-                        atomicAdd(&h[d != 0u ? bucket : 0], 1u);
+                         * exponent field and top four significand bits of d converted to float32 toward zero (its
+                         * leading bits exact for every d). d = 0 converts to 0 and goes to bucket 0 (the clamp),
+                         * which is not added to the global histogram: no branch per element. */
+                        const int bucket = (__float_as_int(__uint2float_rz(d)) >> 19) - (16 * 127 - 1);
+                        atomicAdd(&h[max(bucket, 0)], 1u);
                     }
                 }
                 if (DO_FLIPS) {
                     const double delta = (double)w - (double)b; /* exact */
                     f_dd = fma(delta, delta, f_dd);
                     const bool b_neg = b < 0.0f, w_neg = w < 0.0f;
-                    const bool toward_sign = (w < b) != b_neg;
+                    const int toward_sign = (w < b) != b_neg; /* Δ points toward zero from b (0 or 1) */
                     const double ad = fabs(delta);
 #pragma unroll
                     for (int f = 0; f < NF; f++) {
@@ -182,16 +182,21 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                         const unsigned qb_bits = __float_as_uint(qb);
                         const double vb = (double)__uint_as_float(qb_bits | (__float_as_uint(b) & 0x80000000u));
                         const double vw = (double)__uint_as_float(__float_as_uint(qw) | (__float_as_uint(w) & 0x80000000u));
-                        const int eb = max((int)(qb_bits >> 23), F.emin + 127);
-                        const bool toward = qb_bits != 0u && toward_sign;
-                        const bool half = toward && eb > F.emin + 127 && (qb_bits & 0x7FFFFFu) == 0u;
-                        const bool stuck = qb >= F.fmax && !toward;
-                        const unsigned inv_gap_hi = stuck ? 0u : (unsigned)(F.m + 127 + 1023 + half - eb) << 20;
-                        const double p = ad * __hiloint2double((int)inv_gap_hi, 0);
-                        move_s[f] += p < 1.0 ? p : 1.0;
+                        /* The exponent (field) of the spacing toward Δ: that of qb, or of the value just below qb when Δ
+                         * points toward zero (one binade lower from a power of two: half the spacing), not below
+                         * EMIN's; from qb = 0 toward zero the bits - 1 = -1 shift to -1, which EMIN's replaces. */
+                        const int eg = max(((int)qb_bits - toward_sign) >> 23, F.emin + 127);
+                        const bool stuck = qb >= F.fmax && !toward_sign; /* no neighbour outward from max */
+                        const double p = ad * __hiloint2double(stuck ? 0 : (F.m + 127 + 1023 - eg) << 20, 0);
+                        if (p < 1.0)
+                            move_s[f] += p;
+                        else
+                            n_whole[f]++;
                         /* E[SR(vb + Δ)] - vb: Δ, clipped to the range */
                         const double s = vb + delta;
-                        const double e_sr = (fabs(s) > F.fmax64 ? copysign(F.fmax64, s) : s) - vb, m_near = vw - vb;
+                        double s_c = s;
+                        if (fabs(s) > F.fmax64) s_c = copysign(F.fmax64, s);
+                        const double e_sr = s_c - vb, m_near = vw - vb;
                         near_s[f] = fma(m_near, m_near, near_s[f]);
                         sr_s[f] = fma(e_sr, e_sr, sr_s[f]);
                     }
@@ -226,7 +231,7 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                 const unsigned int fl = warp_reduce<unsigned int, false>(flip[f]);
                 const unsigned long long sp =
                     warp_reduce<unsigned long long, false>((unsigned long long)steps_s[f]);
-                const double mv = warp_reduce<double, false>(move_s[f]);
+                const double mv = warp_reduce<double, false>(move_s[f] + (double)n_whole[f]);
                 const double nr = warp_reduce<double, false>(near_s[f]);
                 const double sr = warp_reduce<double, false>(sr_s[f]);
                 if (lane == 0) {
