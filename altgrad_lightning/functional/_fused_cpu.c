@@ -155,8 +155,11 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
 /* With AVX-512 the loops are written with intrinsics: comparisons stay in mask registers and selects are single
  * masked instructions, where GCC's lowering of the generic vector code materialises every mask as a vector and
  * splits the int32 -> int64 and float -> double conversions in halves (the flip loop: 343 instructions per block
- * of 8 elements, ~150 with intrinsics; benchmarks/NOTES.md, session 7). The arithmetic is the generic code's,
- * operation for operation; tests/test_fused.py checks both builds against the reference. */
+ * of 8 elements, ~150 with intrinsics; benchmarks/NOTES.md, session 7). Every value is the generic code's; a few
+ * steps are formulated for the instruction set (session 8, as the CUDA C kernel): saturation as minima, 1 / S from
+ * S's exponent field, the stochastic-rounding gap's exponent from qb's bits minus one toward zero, and the squares
+ * fused with their accumulation (in `before` the products are exact, so the sums are the same; in the flips one
+ * rounding per term instead of two). tests/test_fused.py checks both builds against the reference. */
 #define ALTGRAD_AVX512 1
 INLINE __m256i set1i(int32_t x) { return _mm256_set1_epi32(x); }
 
@@ -183,10 +186,9 @@ INLINE __m256 round_index_k(__m256 a, const fmt_t *F, __m256i *index) {
                                           _mm256_castsi256_ps(q_normal));
     const __m256i e = _mm256_maskz_sll_epi32(normal, _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), set1i(F->emin + 127)),
                                              _mm_cvtsi32_si128(F->m));
-    const __m256i idx = _mm256_add_epi32(e, n);
-    const __mmask8 over = _mm256_cmpgt_epi32_mask(idx, set1i(F->imax));
-    *index = _mm256_mask_blend_epi32(over, idx, set1i(F->imax));
-    return _mm256_mask_blend_ps(over, q, _mm256_set1_ps(F->fmax));
+    /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
+    *index = _mm256_min_epi32(_mm256_add_epi32(e, n), set1i(F->imax));
+    return _mm256_min_ps(q, _mm256_set1_ps(F->fmax));
 }
 #endif
 
@@ -307,7 +309,7 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             s_valid = (vi)count_lanes((__m256i)s_valid, valid);
             s_zero = (vi)count_lanes((__m256i)s_zero, ok & ~valid);
             s_x += (vd)x;
-            s_xx += (vd)_mm512_mul_pd(x, x);
+            s_xx = (vd)_mm512_fmadd_pd(x, x, (__m512d)s_xx); /* exact products: fused or not, the same sums */
         }
         if (J->do_grid) r_valid = (vi)count_lanes((__m256i)r_valid, wfin);
         for (int f = 0; f < nf; f++) {
@@ -316,13 +318,14 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
                 const __m256i e = _mm256_min_epi32(_mm256_max_epi32(e_raw, set1i(F->emin)), set1i(F->eclamp));
                 const __m512d y = _mm512_castsi512_pd(_mm512_maskz_slli_epi64(
                     valid, _mm512_cvtepi32_epi64(_mm256_add_epi32(e, set1i(1023 - F->m))), 52)); /* S, 0 if not valid */
-                const __m512d ratio = _mm512_mul_pd(x, _mm512_castsi512_pd(_mm512_slli_epi64(
-                    _mm512_cvtepi32_epi64(_mm256_sub_epi32(set1i(1023 + F->m), e)), 52))); /* |g| / S exactly */
+                /* |g| / S exactly: 1 / S has the exponent field 2046 - S's (2**1023 where y = 0, and then x = 0) */
+                const __m512d ratio = _mm512_mul_pd(x, _mm512_castsi512_pd(_mm512_sub_epi64(
+                    _mm512_set1_epi64(2046LL << 52), _mm512_castpd_si512(y))));
                 below[f] = (vi)count_lanes((__m256i)below[f], _mm512_cmp_pd_mask(x, y, _CMP_LT_OQ));
                 ratio_s[f] += (vd)ratio;
                 y_s[f] += (vd)y;
-                yy_s[f] += (vd)_mm512_mul_pd(y, y);
-                xy_s[f] += (vd)_mm512_mul_pd(x, y);
+                yy_s[f] = (vd)_mm512_fmadd_pd(y, y, (__m512d)yy_s[f]);
+                xy_s[f] = (vd)_mm512_fmadd_pd(x, y, (__m512d)xy_s[f]);
             }
             if (J->do_grid) {
                 __m256i ix;
@@ -335,7 +338,7 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
                 under[f] = (vi)count_lanes((__m256i)under[f], _mm256_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) &
                                                                   _mm256_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
                 err_s[f] += (vd)err64;
-                err2_s[f] += (vd)_mm512_mul_pd(err64, err64);
+                err2_s[f] = (vd)_mm512_fmadd_pd(err64, err64, (__m512d)err2_s[f]);
                 err_max[f] = (vf)_mm256_max_ps(err, (__m256)err_max[f]);
             }
         }
@@ -514,11 +517,11 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
     const vd zd = alld(0.0);
     vi u_valid = alli(0), f_upd = alli(0);
     vd f_dd = zd;
-    vi flip[MAXF], stall[MAXF];
+    vi flip[MAXF];
     vl steps_s[MAXF];
     vd move_s[MAXF], near_s[MAXF], sr_s[MAXF];
     for (int f = 0; f < nf; f++) {
-        flip[f] = stall[f] = alli(0);
+        flip[f] = alli(0);
         steps_s[f] = CVT(alli(0), vl);
         move_s[f] = near_s[f] = sr_s[f] = zd;
     }
@@ -535,7 +538,7 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         const __mmask8 updated = _mm256_mask_cmp_ps_mask(valid, w, b, _CMP_NEQ_OQ);
         f_upd = (vi)count_lanes((__m256i)f_upd, updated);
         const __m512d delta = _mm512_maskz_sub_pd(updated, _mm512_cvtps_pd(w), _mm512_cvtps_pd(b)); /* exact */
-        f_dd += (vd)_mm512_mul_pd(delta, delta);
+        f_dd = (vd)_mm512_fmadd_pd(delta, delta, (__m512d)f_dd);
         const __mmask8 b_neg = _mm256_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm256_cmp_ps_mask(w, zf, _CMP_LT_OQ);
         const __mmask8 toward_sign = (_mm256_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg) & 0xFF;
         const __m256 b_sign = _mm256_maskz_mov_ps(b_neg, sign), w_sign = _mm256_maskz_mov_ps(w_neg, sign);
@@ -558,26 +561,25 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
                 steps_s[f] += (vl)steps;
             }
             flip[f] = (vi)count_lanes((__m256i)flip[f], moved);
-            stall[f] = (vi)count_lanes((__m256i)stall[f], updated & ~moved);
             /* Stochastic-rounding what-if, as in the generic code below. */
             const __m512d vb = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qb, b_sign));
             const __m512d vw = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qw, w_sign));
-            const __m256i qbits = _mm256_castps_si256(qb);
-            const __m256i ebb = _mm256_max_epi32(_mm256_srli_epi32(qbits, 23), set1i(F->emin + 127)); /* eb + 127 */
-            const __mmask8 toward = _mm256_mask_cmp_ps_mask(toward_sign, qb, zf, _CMP_NEQ_OQ);
-            const __mmask8 half = _mm256_mask_testn_epi32_mask(_mm256_mask_cmpgt_epi32_mask(toward, ebb,
-                                                                   set1i(F->emin + 127)), qbits, set1i(0x7FFFFF));
-            const __m256i field = _mm256_mask_add_epi32(set1i(1150 + F->m), half, set1i(1151 + F->m), zi);
-            const __m512d inv_gap = _mm512_castsi512_pd(
-                _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm256_sub_epi32(field, ebb)), 52)); /* 2**(M(+1) - eb) */
+            /* The exponent field of the spacing toward delta: qb's, or that of the value just below qb toward zero
+             * (bits - 1: one binade lower from a power of two, half the spacing), not below EMIN's (from qb = 0 the
+             * arithmetic shift of -1 is -1). */
+            const __m256i qbits = _mm256_mask_sub_epi32(_mm256_castps_si256(qb), toward_sign, _mm256_castps_si256(qb),
+                                                        set1i(1));
+            const __m256i eg = _mm256_max_epi32(_mm256_srai_epi32(qbits, 23), set1i(F->emin + 127));
+            const __m512d inv_gap = _mm512_castsi512_pd(_mm512_slli_epi64(
+                _mm512_cvtepi32_epi64(_mm256_sub_epi32(set1i(1150 + F->m), eg)), 52)); /* 2**(M - e_gap) */
             const __m512d p = _mm512_min_pd(_mm512_mul_pd(ad, inv_gap), _mm512_set1_pd(1.0));
-            const __mmask8 stuck = _mm256_cmp_ps_mask(qb, _mm256_set1_ps(F->fmax), _CMP_GE_OQ) & ~toward;
+            const __mmask8 stuck = _mm256_mask_cmp_ps_mask(~toward_sign, qb, _mm256_set1_ps(F->fmax), _CMP_GE_OQ);
             move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], ~stuck, (__m512d)move_s[f], p);
             const __m512d s = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb, delta), _mm512_set1_pd(-F->fmax64)),
                                             _mm512_set1_pd(F->fmax64));
             const __m512d e_sr = _mm512_sub_pd(s, vb), m_near = _mm512_sub_pd(vw, vb);
-            near_s[f] += (vd)_mm512_mul_pd(m_near, m_near);
-            sr_s[f] += (vd)_mm512_mul_pd(e_sr, e_sr);
+            near_s[f] = (vd)_mm512_fmadd_pd(m_near, m_near, (__m512d)near_s[f]);
+            sr_s[f] = (vd)_mm512_fmadd_pd(e_sr, e_sr, (__m512d)sr_s[f]);
         }
     }
 #else
@@ -612,7 +614,6 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
                 steps_s[f] += steps;
             }
             flip[f] -= moved;
-            stall[f] -= updated & ~moved;
             /* Stochastic-rounding what-if (flips._survival): stored value vb = q(b), update delta = w - b; the
              * signs and the masks applied in float32 (q >= 0: the sign bit of -q is b's). */
             vd vb = CVT((vf)(((vu)qb | ((vu)b_neg & 0x80000000u)) & (vu)valid), vd);
@@ -644,13 +645,14 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
     row[col] = u; row[col + 1] = dd;
     col += 2;
     for (int f = 0; f < nf; f++) {
-        double fl = 0, st = 0, mv = 0, nr = 0, sr = 0;
+        double fl = 0, mv = 0, nr = 0, sr = 0;
         int64_t sp = 0;
         for (int j = 0; j < L; j++) {
-            fl += flip[f][j]; st += stall[f][j]; sp += steps_s[f][j];
+            fl += flip[f][j]; sp += steps_s[f][j];
             mv += move_s[f][j]; nr += near_s[f][j]; sr += sr_s[f][j];
         }
-        row[col] = fl; row[col + 1] = st; row[col + 2] = (double)sp;
+        /* n_stall = n_updated - n_flip: a grid step needs w != b (the same value rounds the same) */
+        row[col] = fl; row[col + 1] = u - fl; row[col + 2] = (double)sp;
         row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr;
         col += 6;
     }
