@@ -20,7 +20,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from altgrad_lightning import get_format  # noqa: E402
+from altgrad_lightning import get_format, quantize  # noqa: E402
+from altgrad_lightning.formats import FloatFormat  # noqa: E402
 from altgrad_lightning.functional import _fused_cpu, _fused_cuda  # noqa: E402
 from altgrad_lightning.functional._fused import HAS_TRITON, FusedPass, fused_format_supported  # noqa: E402
 from altgrad_lightning.functional._reduce import merge  # noqa: E402
@@ -84,11 +85,13 @@ def backend(request, monkeypatch):
     return "triton", DEVICE
 
 
-# Eleven formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
-# 2**emin) and a 29-bit format take the kernels' wide-index branches, and float29_e5m23 the M = 23 branch with
-# subnormals coarser than float32's (rounding below 2**emin).
+# Twelve formats: three launches of at most four (the kernels fuse formats); float32 itself (no rounding above
+# 2**emin) and a 29-bit format take the kernels' wide-index branches, float29_e5m23 the M = 23 branch with
+# subnormals coarser than float32's (rounding below 2**emin), and float4_e2m1b-104 has the largest emin (105 = 104 + M)
+# whose rounding below 2**emin the kernels cover.
 FORMATS = ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16", "float8_e4m3fnuz", "float6_e2m3fn",
-           "float4_e2m1fn", "float8_e4m3", "float32", "float29_e8m20_ieee", "float29_e5m23_ieee"]  # fmt: skip
+           "float4_e2m1fn", "float8_e4m3", "float32", "float29_e8m20_ieee", "float29_e5m23_ieee",
+           "float4_e2m1b-104_ieee"]  # fmt: skip
 
 
 def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,6 +117,15 @@ def _adversarial(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     step[torch.rand(n, generator=g) < 0.3] = 0.0
     after = w - step
     after[torch.randint(0, n, (6,), generator=g)] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), 1e-45, -w[0]])
+    # Pairs moved toward zero and outward by 2**-10 of themselves, at fixed places: float32's max (its rounding
+    # carries into the exponent field past every format's max), bfloat16's max (stuck outward), 2**-14 and 2**-126
+    # (float16's, float29_e5m23's and float32's 2**emin: the full spacing toward zero below it, half above).
+    edges = torch.tensor([3.4028235e38, 3.3895314e38, -3.3895314e38, 2.0**-14, -(2.0**-14), 2.0**-126, 2.0**-13])
+    if n >= 8 * len(edges):
+        at = torch.arange(2 * len(edges)).reshape(-1, 2) + n // 3
+        w[at[:, 0]] = w[at[:, 1]] = edges
+        after[at[:, 0]] = edges * (1 - 2.0**-10)
+        after[at[:, 1]] = edges * (1 + 2.0**-10)  # float32's max times this is inf: an excluded pair
     return w, grad, after
 
 
@@ -310,6 +322,27 @@ def test_fused_steps_never_synchronise_the_host():
 
 
 @needs_cuda_triton
+def test_cuda_after_kernel_shares_many_chunks_among_blocks():
+    """700 000 elements are 86 chunks, more than one block's 8 warps: the warps of several blocks draw chunks from
+    the kernel's counter, their shared-memory histograms merge, and a second step finds the counter back at 0."""
+    from altgrad_lightning.functional._fused import CHUNK, _format_constants
+
+    fmts = [get_format("float8_e4m3fn"), get_format("bfloat16")]
+    rows = tuple(_format_constants(f) for f in fmts)
+    if _fused_cuda.kernel(torch.device("cuda"), rows, True, True, True, chunk=CHUNK) is None:
+        pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+    diagnostics = ("stiffness", "grid", "ulp", "flips")
+    param = torch.zeros(700_000, device="cuda")
+    fused = FusedPass([param], fmts, diagnostics, backend="cuda")
+    assert fused.n_chunks > 8
+    for seed in (30, 31):
+        w, g, after = _adversarial(700_000, seed)
+        param.copy_(w.cuda())
+        _assert_one_step_equals_reference(fused, param, g.cuda(), w, g, after, fmts, diagnostics, f"seed {seed}")
+    assert fused._work is not None and fused._work.tolist() == [0, 0]
+
+
+@needs_cuda_triton
 def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypatch):
     """Where NVRTC is missing or the CUDA C source does not build, the default pass on CUDA takes Triton's ``after``
     kernel, whose sums are the same (the reference's)."""
@@ -328,6 +361,18 @@ def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypat
 def test_unsupported_formats_are_declared():
     for name in ("float8_e8m0fnu", "e0m7"):
         assert not fused_format_supported(get_format(name))
+    # emin - M > 104: the kernels' 2**(emin - M + 23) for rounding below 2**emin is past float32's range; such a
+    # format takes the reference path (quantize and the monitor), which agrees with the reference by construction.
+    huge = FloatFormat(2, 1, -110, "ieee")  # emin 111, M 1
+    assert huge.emin - huge.mantissa_bits > 104 and not fused_format_supported(huge)
+    assert fused_format_supported(FloatFormat(2, 1, -104, "ieee"))  # emin 105 = 104 + M: the last one covered
+    assert not fused_format_supported(FloatFormat(2, 1, -105, "ieee"))
+    # Its grid by hand: subnormals k * 2**110, normals (1 + m / 2) * 2**e for e in {111, 112}, inf past max (IEEE
+    # overflow); the fast path gave 1.0 for 1.0 here before it declared the format unsupported.
+    x = torch.tensor([1.0, 3.0, 1e-20, 2.0**109, 1.5 * 2.0**109, 2.0**110, 2.0**111, 3.0 * 2.0**111, 1e34, -1e34])
+    inf = float("inf")
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0**110, 2.0**110, 2.0**111, 3.0 * 2.0**111, inf, -inf])
+    torch.testing.assert_close(quantize(x, huge), expected, rtol=0, atol=0)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -22,8 +22,9 @@ adversarial inputs. A step queues its kernels and a few small operations and ret
 
 What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
 weights on one CUDA device (with Triton) or on the CPU (with a C compiler), such float32 gradients, no per-tensor
-scaling, and signed formats with a zero, at least one mantissa bit and ``emin >= -126`` whose values are float32
-values — every preset but the unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
+scaling, and signed formats with a zero, at least one mantissa bit, ``-126 <= emin <= 104 + M`` (the kernels round
+below 2**emin by adding 2**(emin - M + 23), a float32) whose values are float32 values — every preset but the
+unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def fused_format_supported(fmt: FloatFormat) -> bool:
         and fmt.has_zero
         and fmt.exponent_bits >= 1
         and fmt.mantissa_bits >= 1
-        and fmt.emin >= -126
+        and -126 <= fmt.emin <= 104 + fmt.mantissa_bits
         and compute_dtype(torch.float32, fmt) == torch.float32
     )
 
