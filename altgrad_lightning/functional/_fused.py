@@ -29,6 +29,7 @@ unsigned ``float8_e8m0fnu`` and the fixed-point ``e0m7``.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -713,6 +714,8 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
+        # The CUDA C after kernel (function, grid) of each after launch that runs (ULP and/or flips).
+        self._cuda_kernels: list[tuple[ctypes.c_void_p, int] | None] = []
         if self.backend == "cuda" and not self._cuda_after_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
@@ -764,15 +767,17 @@ class FusedPass:
         return groups, launches
 
     def _cuda_after_compiles(self) -> bool:
-        """Compile (once per process and launch shape) the CUDA C ``after`` kernels of this pass's launches; False
-        where NVRTC cannot."""
+        """Compile (once per process and launch shape) the CUDA C ``after`` kernel of each launch that runs, kept
+        for the steps in ``_cuda_kernels`` (a prefix of the launches: ULP goes with the first); False where NVRTC
+        cannot."""
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        return all(
-            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK) is not None
+        self._cuda_kernels = [
+            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK)
             for gi, launch in enumerate(self._launches["after"])
             for ulp in [do_ulp and gi == 0]
             if ulp or do_flips
-        )
+        ]
+        return all(k is not None for k in self._cuda_kernels)
 
     @staticmethod
     def grads_supported(grads: Sequence[torch.Tensor | None]) -> bool:
@@ -844,7 +849,7 @@ class FusedPass:
             if self.backend == "c":
                 self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
             elif self.backend == "cuda":
-                self._run_cuda(launch, part, hist, ulp_here, do_flips)
+                self._run_cuda(gi, part, hist)
             else:
                 _after_kernel[(self.n_chunks,)](
                     self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
@@ -892,15 +897,12 @@ class FusedPass:
         if rc != 0:  # pragma: no cover - the arguments are checked above
             raise RuntimeError(f"altgrad_fused_pass refused its arguments (rc {rc})")
 
-    def _run_cuda(self, launch: _Launch, part: torch.Tensor, hist: torch.Tensor, do_ulp: bool, do_flips: bool) -> None:
-        """The ``after`` phase of one launch through the CUDA C kernel (compiled in ``__init__`` or on first use)."""
-        device = self.snapshot.device
-        compiled = _fused_cuda.kernel(device, launch.fmts, do_ulp, do_ulp and _HIST, do_flips, chunk=CHUNK)
-        if compiled is None:  # pragma: no cover - compiled once already when the backend was chosen
-            raise RuntimeError(f"the CUDA C after kernel is gone: {_fused_cuda.unavailable_reason()}")
+    def _run_cuda(self, gi: int, part: torch.Tensor, hist: torch.Tensor) -> None:
+        """The ``after`` phase of launch ``gi`` through its CUDA C kernel (compiled when the backend was chosen)."""
+        compiled = self._cuda_kernels[gi]
+        assert compiled is not None and self._work is not None
         fn, grid = compiled
         tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel)
-        assert self._work is not None
         _fused_cuda.launch(fn, grid, (*tables, self.snapshot, part, hist, self._work), self.n_chunks, part.shape[1])
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
