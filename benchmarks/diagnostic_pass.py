@@ -237,16 +237,14 @@ def main() -> int:
     print(f"| copy of all parameters | {med['copy'] * 1e3:.3f} | - |")
     print(f"fused split: before {split[0] * 1e3:.3f} ms, after {split[1] * 1e3:.3f} ms "
           f"(CHUNK {_fused.CHUNK}, tile {_fused._ROWS}x{_fused._VEC}, warps {_fused._NUM_WARPS})")  # fmt: skip
-    qb, qa, cb, ca = _queued_times(fused, gs, params, ws, afters)
-    print(f"queued (GPU time, launch queue full; backend {fused.backend!r}): before {qb * 1e3:.3f} ms, after "
-          f"{qa * 1e3:.3f} ms, pass {(qb + qa) * 1e3:.3f} ms, achieved/floor {floor / (qb + qa):.2f}; host time per "
-          f"call: before {cb * 1e3:.3f} ms, after {ca * 1e3:.3f} ms")  # fmt: skip
+    passes = [fused]
     if fused.backend != "triton":  # the all-Triton pass side by side, for the CUDA C after kernel's gain
-        tp = FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"), backend="triton")
-        qb, qa, cb, ca = _queued_times(tp, gs, params, ws, afters)
-        print(f"queued, backend 'triton': before {qb * 1e3:.3f} ms, after {qa * 1e3:.3f} ms, pass "
-              f"{(qb + qa) * 1e3:.3f} ms, achieved/floor {floor / (qb + qa):.2f}; host time per call: before "
-              f"{cb * 1e3:.3f} ms, after {ca * 1e3:.3f} ms")  # fmt: skip
+        passes.append(FusedPass(params, fmts, ("stiffness", "grid", "ulp", "flips"), backend="triton"))
+    for candidate in passes:
+        qb, qa, cb, ca = _queued_times(candidate, gs, params, ws, afters)
+        print(f"queued (GPU time, launch queue full; backend {candidate.backend!r}): before {qb * 1e3:.3f} ms, after "
+              f"{qa * 1e3:.3f} ms, pass {(qb + qa) * 1e3:.3f} ms, achieved/floor {floor / (qb + qa):.2f}; host time "
+              f"per call: before {cb * 1e3:.3f} ms, after {ca * 1e3:.3f} ms")  # fmt: skip
     if args.groups:
         default = dict(_fused._MAX_FORMATS)
         for nb, na in [(1, 1), (2, 2), (4, 1), (4, 2), (2, 1)]:
