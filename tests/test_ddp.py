@@ -52,7 +52,7 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=TWO_GPUS)])
-def test_ddp_spawn_two_cpu_processes_log_single_process_values(tmp_path, accelerator):
+def test_ddp_spawn_two_processes_log_single_process_values(tmp_path, accelerator):
     """On 2 CPU processes (gloo; the C fast path) and, where 2 GPUs are, on 2 GPUs (NCCL; each rank's fast path
     compiles and launches its kernels on its own device)."""
     torch.manual_seed(0)

@@ -10,7 +10,7 @@
  * Each chunk is cut into blocks of L elements held in GCC/Clang vector types, one machine vector of doubles wide;
  * every sum has lane-wise accumulators (SIMD code without reassociation flags: the lanes are separate sums). On
  * machines with AVX-512 the three loops are written in intrinsics instead (ALTGRAD_AVX512 below), with the same
- * arithmetic; the generic code serves every other machine, and tests/test_fused.py checks a build of each. The
+ * values; the generic code serves every other machine, and tests/test_fused.py checks a build of each. The
  * `after` pass runs its ULP sums and its flip sums as two loops over the chunk (the second re-reads it from L2),
  * so that each loop keeps its accumulators in registers. Threads take chunks from an atomic counter, and a chunk's
  * row is written by the one thread that took it, so the result does not depend on the scheduling. The fine ULP
