@@ -45,6 +45,15 @@ BACKENDS = [
 ]
 
 
+def _require_cuda_c(fmts) -> None:
+    """Skip where NVRTC does not build the CUDA C after kernel for these formats (ULP, histogram and flips)."""
+    from altgrad_lightning.functional._fused import CHUNK, _format_constants
+
+    rows = tuple(_format_constants(f) for f in fmts)
+    if _fused_cuda.kernel(torch.device("cuda"), rows, True, True, True, chunk=CHUNK) is None:
+        pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+
+
 @pytest.fixture(scope="session")
 def generic_c_library(tmp_path_factory):
     """The C backend built without AVX-512: its generic vector code (4 lanes with AVX, 2 with SSE2), which
@@ -76,11 +85,7 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_fused_cpu, "_tried", True)
         return "c", "cpu"
     if request.param == "cuda":
-        from altgrad_lightning.functional._fused import CHUNK, _format_constants
-
-        row = _format_constants(get_format("float8_e4m3fn"))
-        if _fused_cuda.kernel(torch.device("cuda"), (row,), True, True, True, chunk=CHUNK) is None:
-            pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+        _require_cuda_c([get_format("float8_e4m3fn")])
         return "cuda", "cuda"
     return "triton", DEVICE
 
@@ -325,12 +330,8 @@ def test_fused_steps_never_synchronise_the_host():
 def test_cuda_after_kernel_shares_many_chunks_among_blocks():
     """700 000 elements are 86 chunks, more than one block's 8 warps: the warps of several blocks draw chunks from
     the kernel's counter, their shared-memory histograms merge, and a second step finds the counter back at 0."""
-    from altgrad_lightning.functional._fused import CHUNK, _format_constants
-
     fmts = [get_format("float8_e4m3fn"), get_format("bfloat16")]
-    rows = tuple(_format_constants(f) for f in fmts)
-    if _fused_cuda.kernel(torch.device("cuda"), rows, True, True, True, chunk=CHUNK) is None:
-        pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+    _require_cuda_c(fmts)
     diagnostics = ("stiffness", "grid", "ulp", "flips")
     param = torch.zeros(700_000, device="cuda")
     fused = FusedPass([param], fmts, diagnostics, backend="cuda")
