@@ -8,12 +8,14 @@
  * The same chunk table, the same partial rows (the columns of _after_columns, float64) and the same histogram
  * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. Every grid value, index,
  * distance and sum term is the C backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound
- * by its integer and logic (ALU) pipe (Nsight Compute: 85 % busy; benchmarks/NOTES.md, session 8), so the
- * formulation counts ALU instructions: nearest-even rounding at or above 2**EMIN on the bits, saturation as two
- * minima, excluded pairs read as (0, 0) once instead of a select per format, the histogram bucket from a
- * conversion toward zero without a branch, the stochastic-rounding gap's exponent from the bits of qb (minus one
- * toward zero), and the squares accumulated with fma (one rounding per term where the reference has two, far inside
- * the tests' 1e-12 of the reference sums). Compiled with --fmad=false: no other product is fused into an addition.
+ * by its integer and logic (ALU) pipe and by instruction issue (Nsight Compute: ALU 85 % busy; benchmarks/NOTES.md,
+ * sessions 8 and 9), so the formulation counts instructions, ALU ones first: saturation as one minimum before
+ * rounding, nearest-even rounding by adding a power of two (float adds; on the bits where that constant would
+ * overflow), no check per pair where all of a warp's pairs at a step are finite (excluded pairs read as (0, 0)
+ * otherwise, instead of a select per format), the histogram bucket from a conversion toward zero without a branch,
+ * the stochastic-rounding gap's exponent from the bits of qb (minus one toward zero), and the squares accumulated
+ * with fma (one rounding per term where the reference has two, far inside the tests' 1e-12 of the reference sums).
+ * Compiled with --fmad=false: no other product is fused into an addition.
  * Each warp draws chunks from a counter and reduces each chunk's sums to its row with shuffles; a block's warps
  * share one shared-memory histogram for all their chunks, added to the global one at the end.
  */
@@ -32,12 +34,13 @@
 
 struct Fmt {
     int emin, eclamp, m, imax;
+    bool magic; /* round_index's constant rounding applies (_fused_cuda._formats_define) */
     unsigned sub_c_bits;
     float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
     double fmax64;
 };
 #ifndef FORMATS
-#define FORMATS {{-6, 8, 3, 126, 0x46800000u, 0x1p3f, 0x1.cp8f, 0x1p14f, 0x1.cp8}} /* float8_e4m3fn */
+#define FORMATS {{-6, 8, 3, 126, true, 0x46800000u, 0x1p3f, 0x1.cp8f, 0x1p14f, 0x1.cp8}} /* float8_e4m3fn */
 #endif
 __device__ constexpr Fmt FMTS[NFA] = FORMATS;
 #ifndef STEPS_T /* 32 bits where CHUNK / 32 * 2 * IMAX < 2**32 for every format (set by _fused_cuda.py) */
@@ -50,15 +53,29 @@ __device__ __forceinline__ float pow2_f32(int e) { return __uint_as_float((unsig
 /* Nearest-even grid value of non-negative float32 `a` in F, saturated at F's max, and its order-preserving grid
  * index (_fused_cpu.c: round_raw and round_index; only finite `a` matter). */
 __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) {
-    const unsigned bits = __float_as_uint(a);
+    /* Saturation first: max is a grid value and rounding is monotone, so a value past max rounds to max. */
+    a = fminf(a, F.fmax);
     float q;
     int idx;
-    if (F.m < 23) { /* both branches, then a select: lanes of a warp often fall on both sides of 2**EMIN */
-        const bool normal = bits >= (unsigned)((F.emin + 127) << 23);
+    if (F.magic) {
+        /* With e = max(floor(log2 a), EMIN) and c = 2**(e + 23 - M), a + c lies in [c, 2c], where float32's spacing
+         * is 2**(e - M), F's grid spacing at a (M <= 22): the addition rounds a to the nearest-even grid value, and
+         * t - c is exact. The bits of t minus those of c count the grid steps from 0 in units of 2**(e - M): the
+         * index, less 2**M per binade above EMIN's. Two adds and integer ops that issue on the FMA pipe, where the
+         * bits below need shifts, masks and selects on the ALU pipe, which bounds this kernel. */
+        const int k = max((int)(__float_as_uint(a) >> 23), F.emin + 127); /* e's exponent field */
+        const float c = __uint_as_float((unsigned)(k + 23 - F.m) << 23);
+        const float t = a + c;
+        q = t - c;
+        idx = (int)(__float_as_uint(t) - __float_as_uint(c)) + ((k - (F.emin + 127)) << F.m);
+    } else if (F.m < 23) { /* c would overflow for max's binade (bfloat16): the bits, both branches, then a select */
+        const unsigned bits = __float_as_uint(a);
         /* At or above 2**EMIN: nearest-even rounding of the bits at the M-th significand bit (a carry moves into
-         * the exponent field); the rounded bits shifted down are the index plus (EMIN + 126) << M. */
-        const unsigned r = (bits + ((1u << (22 - F.m)) - 1u) + ((bits >> (23 - F.m)) & 1u)) & ~((1u << (23 - F.m)) - 1u);
-        /* below 2**EMIN: a + 2**(EMIN - M + 23) rounds a onto the multiples of 2**(EMIN - M) */
+         * the exponent field); the rounded bits shifted down are the index plus (EMIN + 126) << M. Below 2**EMIN:
+         * a + 2**(EMIN - M + 23) rounds a onto the multiples of 2**(EMIN - M). */
+        const bool normal = bits >= (unsigned)((F.emin + 127) << 23);
+        const unsigned half = (1u << (22 - F.m)) - 1u, low = (1u << (23 - F.m)) - 1u;
+        const unsigned r = (bits + half + ((bits >> (23 - F.m)) & 1u)) & ~low;
         const float t_sub = a + F.sub_c;
         q = normal ? __uint_as_float(r) : t_sub - F.sub_c;
         idx = normal ? (int)(r >> (23 - F.m)) - ((F.emin + 126) << F.m) : (int)(__float_as_uint(t_sub) - F.sub_c_bits);
@@ -71,9 +88,8 @@ __device__ __forceinline__ float round_index(float a, const Fmt &F, int *index) 
         const float ns = (n >= 0.0f && n < 2147483648.0f) ? n : 0.0f;
         idx = (int)(((unsigned)(e - F.emin) << F.m) + (unsigned)(int)ns);
     }
-    /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
-    *index = min(idx, F.imax);
-    return fminf(q, F.fmax);
+    *index = idx;
+    return q;
 }
 
 /* float32 bits to an order-preserving int (-0 and +0 both 0). */
@@ -129,77 +145,92 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
             steps_s[f] = 0;
             move_s[f] = near_s[f] = sr_s[f] = 0.0;
         }
+        /* One pair: its terms added to the accumulators above. An excluded pair comes as (0, 0), which adds 0 to
+         * every sum and count (no select per format). */
+        auto element = [&](const float b, const float w) {
+            const float ab = fabsf(b), aw = fabsf(w);
+            n_moved += w != b;
+            if (DO_ULP) {
+                const int kb = ordered(b), kw = ordered(w);
+                const unsigned d = kw >= kb ? (unsigned)kw - (unsigned)kb : (unsigned)kb - (unsigned)kw;
+                u_sum += d;
+                u_max = d > u_max ? d : u_max;
+                if (DO_HIST) {
+                    /* Bucket 1 + 16 k + s (k = floor(log2 d), s the four bits below the leading one): the
+                     * exponent field and top four significand bits of d converted to float32 toward zero (its
+                     * leading bits exact for every d). d = 0 converts to 0 and goes to bucket 0 (the clamp),
+                     * which is not added to the global histogram: no branch per element. */
+                    const int bucket = (__float_as_int(__uint2float_rz(d)) >> 19) - (16 * 127 - 1);
+                    atomicAdd(&h[max(bucket, 0)], 1u);
+                }
+            }
+            if (DO_FLIPS) {
+                const double delta = (double)w - (double)b; /* exact */
+                f_dd = fma(delta, delta, f_dd);
+                const bool b_neg = b < 0.0f, w_neg = w < 0.0f;
+                const int toward_sign = (w < b) != b_neg; /* Δ points toward zero from b (0 or 1) */
+                const double ad = fabs(delta);
+#pragma unroll
+                for (int f = 0; f < NF; f++) {
+                    const Fmt &F = FMTS[f];
+                    int ib, iw;
+                    const float qb = round_index(ab, F, &ib), qw = round_index(aw, F, &iw);
+                    /* |sw - sb| <= 2 IMAX; a lane's sum over its CHUNK / 32 elements fits 32 bits (STEPS_T) */
+                    const STEPS_T steps = F.imax < (1 << 30) ? (STEPS_T)abs((w_neg ? -iw : iw) - (b_neg ? -ib : ib))
+                                                             : (STEPS_T)llabs((w_neg ? -(long long)iw : iw) -
+                                                                              (b_neg ? -(long long)ib : ib));
+                    flip[f] += steps != 0; /* only where w != b: the same value rounds the same */
+                    steps_s[f] += steps;
+                    /* Stochastic-rounding what-if (flips._survival). The gap toward Δ is 2**(eb - M), half of
+                     * it from a power of two above 2**EMIN toward zero; none outward from max (stuck): its
+                     * inverse is built as float64 bits (0 when stuck). */
+                    const unsigned qb_bits = __float_as_uint(qb);
+                    const double vb = (double)__uint_as_float(qb_bits | (__float_as_uint(b) & 0x80000000u));
+                    const double vw = (double)__uint_as_float(__float_as_uint(qw) | (__float_as_uint(w) & 0x80000000u));
+                    /* The exponent (field) of the spacing toward Δ: that of qb, or of the value just below qb when Δ
+                     * points toward zero (one binade lower from a power of two: half the spacing), not below
+                     * EMIN's; from qb = 0 toward zero the bits - 1 = -1 shift to -1, which EMIN's replaces. */
+                    const int eg = max(((int)qb_bits - toward_sign) >> 23, F.emin + 127);
+                    const bool stuck = qb >= F.fmax && !toward_sign; /* no neighbour outward from max */
+                    const double p = ad * __hiloint2double(stuck ? 0 : (F.m + 127 + 1023 - eg) << 20, 0);
+                    if (p < 1.0)
+                        move_s[f] += p;
+                    else
+                        n_whole[f]++;
+                    /* E[SR(vb + Δ)] - vb: Δ, clipped to the range */
+                    const double s = vb + delta;
+                    double s_c = s;
+                    if (fabs(s) > F.fmax64) s_c = copysign(F.fmax64, s);
+                    const double e_sr = s_c - vb, m_near = vw - vb;
+                    near_s[f] = fma(m_near, m_near, near_s[f]);
+                    sr_s[f] = fma(e_sr, e_sr, sr_s[f]);
+                }
+            }
+        };
         /* Four elements per lane and step: one 16-byte load per tensor (snapshot slices and weights are 16-byte
          * aligned; the group holding a parameter's last element may reach up to three elements past it, inside the
-         * same aligned 16 bytes; those lanes are masked out). */
-        for (long long base = start + 4 * lane; base < end; base += 4 * 32) {
-            const float4 bv = *(const float4 *)(B + base), wv = *(const float4 *)(W + base);
+         * same aligned 16 bytes; those lanes are masked out). Offsets from the chunk's start fit 32 bits. */
+        const float *Bc = B + start, *Wc = W + start;
+        const int len = (int)(end - start), full_to = len - 4 * 32 + 4 * lane; /* i <= full_to: every lane has 4 */
+        for (int i = 4 * lane; i < len; i += 4 * 32) {
+            const float4 bv = *(const float4 *)(Bc + i), wv = *(const float4 *)(Wc + i);
             const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-            const int n_here = (int)min(end - base, 4LL); /* >= 1; elements j >= n_here are past the chunk's end */
+            /* Where every lane of the warp holds four finite pairs, no pair is checked: a sum of finite floats is
+             * finite or overflows (then the checks below run), an inf or NaN makes it inf or NaN. The comparisons
+             * and selects of the checks were ~10 % of this kernel's ALU instructions. */
+            const float sum = ((bv.x + bv.y) + (bv.z + bv.w)) + ((wv.x + wv.y) + (wv.z + wv.w));
+            if (i <= full_to && __all_sync(0xffffffffu, fabsf(sum) < __int_as_float(0x7F800000))) {
+                n_valid += 4;
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const bool valid = (j < n_here) & (fabsf(bb[j]) < __int_as_float(0x7F800000)) &
-                                   (fabsf(ww[j]) < __int_as_float(0x7F800000));
-                /* An excluded pair is counted out of n_valid and read as (0, 0) below: it adds 0 to every sum and
-                 * count (no select per format). */
-                const float b = valid ? bb[j] : 0.0f, w = valid ? ww[j] : 0.0f, ab = fabsf(b), aw = fabsf(w);
-                n_valid += valid;
-                n_moved += w != b;
-                if (DO_ULP) {
-                    const int kb = ordered(b), kw = ordered(w);
-                    const unsigned d = kw >= kb ? (unsigned)kw - (unsigned)kb : (unsigned)kb - (unsigned)kw;
-                    u_sum += d;
-                    u_max = d > u_max ? d : u_max;
-                    if (DO_HIST) {
-                        /* Bucket 1 + 16 k + s (k = floor(log2 d), s the four bits below the leading one): the
-                         * exponent field and top four significand bits of d converted to float32 toward zero (its
-                         * leading bits exact for every d). d = 0 converts to 0 and goes to bucket 0 (the clamp),
-                         * which is not added to the global histogram: no branch per element. */
-                        const int bucket = (__float_as_int(__uint2float_rz(d)) >> 19) - (16 * 127 - 1);
-                        atomicAdd(&h[max(bucket, 0)], 1u);
-                    }
-                }
-                if (DO_FLIPS) {
-                    const double delta = (double)w - (double)b; /* exact */
-                    f_dd = fma(delta, delta, f_dd);
-                    const bool b_neg = b < 0.0f, w_neg = w < 0.0f;
-                    const int toward_sign = (w < b) != b_neg; /* Δ points toward zero from b (0 or 1) */
-                    const double ad = fabs(delta);
+                for (int j = 0; j < 4; j++) element(bb[j], ww[j]);
+            } else {
+                const int n_here = min(len - i, 4); /* >= 1; elements j >= n_here are past the chunk's end */
 #pragma unroll
-                    for (int f = 0; f < NF; f++) {
-                        const Fmt &F = FMTS[f];
-                        int ib, iw;
-                        const float qb = round_index(ab, F, &ib), qw = round_index(aw, F, &iw);
-                        /* |sw - sb| <= 2 IMAX; a lane's sum over its CHUNK / 32 elements fits 32 bits (STEPS_T) */
-                        const STEPS_T steps = F.imax < (1 << 30) ? (STEPS_T)abs((w_neg ? -iw : iw) - (b_neg ? -ib : ib))
-                                                                 : (STEPS_T)llabs((w_neg ? -(long long)iw : iw) -
-                                                                                  (b_neg ? -(long long)ib : ib));
-                        flip[f] += steps != 0; /* only where w != b: the same value rounds the same */
-                        steps_s[f] += steps;
-                        /* Stochastic-rounding what-if (flips._survival). The gap toward Δ is 2**(eb - M), half of
-                         * it from a power of two above 2**EMIN toward zero; none outward from max (stuck): its
-                         * inverse is built as float64 bits (0 when stuck). */
-                        const unsigned qb_bits = __float_as_uint(qb);
-                        const double vb = (double)__uint_as_float(qb_bits | (__float_as_uint(b) & 0x80000000u));
-                        const double vw = (double)__uint_as_float(__float_as_uint(qw) | (__float_as_uint(w) & 0x80000000u));
-                        /* The exponent (field) of the spacing toward Δ: that of qb, or of the value just below qb when Δ
-                         * points toward zero (one binade lower from a power of two: half the spacing), not below
-                         * EMIN's; from qb = 0 toward zero the bits - 1 = -1 shift to -1, which EMIN's replaces. */
-                        const int eg = max(((int)qb_bits - toward_sign) >> 23, F.emin + 127);
-                        const bool stuck = qb >= F.fmax && !toward_sign; /* no neighbour outward from max */
-                        const double p = ad * __hiloint2double(stuck ? 0 : (F.m + 127 + 1023 - eg) << 20, 0);
-                        if (p < 1.0)
-                            move_s[f] += p;
-                        else
-                            n_whole[f]++;
-                        /* E[SR(vb + Δ)] - vb: Δ, clipped to the range */
-                        const double s = vb + delta;
-                        double s_c = s;
-                        if (fabs(s) > F.fmax64) s_c = copysign(F.fmax64, s);
-                        const double e_sr = s_c - vb, m_near = vw - vb;
-                        near_s[f] = fma(m_near, m_near, near_s[f]);
-                        sr_s[f] = fma(e_sr, e_sr, sr_s[f]);
-                    }
+                for (int j = 0; j < 4; j++) {
+                    const bool valid = (j < n_here) & (fabsf(bb[j]) < __int_as_float(0x7F800000)) &
+                                       (fabsf(ww[j]) < __int_as_float(0x7F800000));
+                    n_valid += valid;
+                    element(valid ? bb[j] : 0.0f, valid ? ww[j] : 0.0f);
                 }
             }
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import math
 import os
 import site
 import struct
@@ -42,8 +43,11 @@ def _formats_define(fmts: Sequence[_Row]) -> str:
     for emin, eclamp, m, p2m, fmax, imax, *_ in fmts:
         sub_c_bits = (emin - m + 23 + 127) << 23  # 2**(EMIN - M + 23), a normal float32 for the supported formats
         (sub_c,) = struct.unpack("<f", struct.pack("<I", sub_c_bits))
+        # round_index's magic-constant rounding needs 2**(e + 23 - M) finite for every e up to max's exponent
+        magic = m <= 22 and math.frexp(fmax)[1] - 1 + 23 - m <= 127
         rows.append(
-            f"{{{emin}, {eclamp}, {m}, {imax}, {sub_c_bits:#x}u, {float(p2m).hex()}f, {float(fmax).hex()}f, "
+            f"{{{emin}, {eclamp}, {m}, {imax}, {str(magic).lower()}, {sub_c_bits:#x}u, {float(p2m).hex()}f, "
+            f"{float(fmax).hex()}f, "
             f"{float(sub_c).hex()}f, {float(fmax).hex()}}}"
         )
     return "{" + ", ".join(rows) + "}"
