@@ -353,12 +353,12 @@ class _TritonAfter(QuantizationMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from altgrad_lightning.functional._fused import FusedPass
 
-        original = FusedPass._cuda_after_compiles
-        FusedPass._cuda_after_compiles = lambda self: False  # type: ignore[method-assign]
+        original = FusedPass._cuda_compiles
+        FusedPass._cuda_compiles = lambda self: False  # type: ignore[method-assign]
         try:
             super().on_fit_start(trainer, pl_module)
         finally:
-            FusedPass._cuda_after_compiles = original  # type: ignore[method-assign]
+            FusedPass._cuda_compiles = original  # type: ignore[method-assign]
 
 
 def build_variants(formats: list[str]) -> dict[str, Variant]:
@@ -390,7 +390,7 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
         from altgrad_lightning.functional import _fused
     except ImportError:  # pragma: no cover - older versions of the package
         _fused = None
-    if _fused is not None and hasattr(_fused.FusedPass, "_cuda_after_compiles"):
+    if _fused is not None and hasattr(_fused.FusedPass, "_cuda_compiles"):
         out.append(Variant("m1triton", "QuantizationMonitor, 1 format, Triton after kernel", lambda: _TritonAfter(f1)))
     for scaling in ("amax", "mx"):
         out.append(

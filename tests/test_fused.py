@@ -616,3 +616,25 @@ def test_c_backend_reads_tensors_at_any_alignment():
     assert fused_supported([param], fmts, scaled=False) and FusedPass.grads_supported([grad])
     fused = FusedPass([param], fmts, diagnostics, backend="c")
     _assert_one_step_equals_reference(fused, param, grad, w, g, after, fmts, diagnostics, "unaligned")
+
+
+def test_step_grads_rechecks_gradients_that_keep_their_storage(backend):
+    """step_grads skips the full check of gradients at the pointers it checked last, but not their contiguity: a
+    transposed view of the same storage (same pointer) is refused, as is a missing gradient, and a float32 contiguous
+    gradient at a new place is checked and taken."""
+    b, device = backend
+    params = [torch.nn.Parameter(torch.randn(8, 8, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    fused = FusedPass(params, [get_format("float8_e4m3fn")], ("stiffness", "ulp"), backend=b)
+    assert fused.step_grads() is None  # no gradients yet
+    for p in params:
+        p.grad = torch.ones_like(p)
+    grads, ptrs = fused.step_grads()
+    assert [g is p.grad for g, p in zip(grads, params, strict=True)] == [True, True]
+    assert ptrs == [p.grad.data_ptr() for p in params]
+    params[0].grad = params[0].grad.t()  # same storage and pointer, not contiguous
+    assert params[0].grad.data_ptr() == ptrs[0] and fused.step_grads() is None
+    params[0].grad = torch.full_like(params[0], 2.0)  # new storage
+    grads, ptrs = fused.step_grads()
+    assert ptrs[0] == params[0].grad.data_ptr() and ptrs[1] == params[1].grad.data_ptr()
+    params[1].grad = None
+    assert fused.step_grads() is None

@@ -732,11 +732,12 @@ class QuantizationMonitor(Callback):
         if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
             self._drain_fused(fused)
             fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
-        grads = [p.grad for p in fused.params]
-        if not FusedPass.grads_supported(grads):  # e.g. a parameter without gradient at this step
+        step = fused.step_grads()
+        if step is None:  # e.g. a parameter without gradient at this step
             return False
+        grads, g_ptrs = step
         with torch.no_grad():
-            fused.before([g for g in grads if g is not None], grad_scale)
+            fused.before(grads, grad_scale, g_ptrs)
         self._pending[key] = fused  # its after half reads the snapshot it holds
         self._fused_steps += 1
         return True

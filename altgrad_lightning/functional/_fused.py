@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -67,6 +67,7 @@ _MAX_FORMATS_CPU = {"before": 8, "after": 8}
 _MAX_FORMATS_CUDA = {"before": _MAX_FORMATS["before"], "after": _fused_cuda.MAX_FORMATS}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
+_NONE = (False, False, False)  # no ULP, histogram or flips (_fused_cuda.kernel)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
 
 # Columns of the partial-sum rows: the format-independent ones once per launch, then each format's.
@@ -714,9 +715,12 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
-        # The CUDA C after kernel (function, grid) of each after launch that runs (ULP and/or flips).
-        self._cuda_kernels: list[tuple[ctypes.c_void_p, int] | None] = []
-        if self.backend == "cuda" and not self._cuda_after_compiles():
+        # The CUDA C build of each after launch that runs (ULP and/or flips), and the kernel that adds a launch's
+        # partial rows to its running sums; their packed launches, made on first use ((kind, phase, launch) keys).
+        self._cuda_kernels: list[_fused_cuda.Compiled | None] = []
+        self._reduce_fn: ctypes.c_void_p | None = None
+        self._calls: dict[tuple[str, str, int], _fused_cuda.Call] = {}
+        if self.backend == "cuda" and not self._cuda_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
                 raise ValueError(f"Expected the CUDA C after kernel to build for backend='cuda', but {why}")
@@ -724,6 +728,11 @@ class FusedPass:
             self._groups, self._launches = self._plan()
         # Running sums since the last drain(): (phase, group) -> (float64 column sums, maxima or None).
         self._acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # The CUDA backend's running sums (reduce_rows adds to them; drain() sets them back to 0), and every
+        # backend's partial rows per launch, reused from step to step (each step's kernels write them, and what reads
+        # them comes before the next step's kernels: stream order on CUDA, the call's return on the CPU).
+        self._acc_dev: dict[tuple[str, int], torch.Tensor] = {}
+        self._parts: dict[tuple[str, int], torch.Tensor] = {}
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
         # The CUDA C kernel's chunk counter and warps-done counter (it sets them back to 0 when it ends).
@@ -732,6 +741,7 @@ class FusedPass:
         self._after_steps = 0  # steps taken for sure; AMP-masked ones in _after_taken (on the device)
         self._after_taken: torch.Tensor | None = None
         self._g_ptrs: list[int] = []
+        self._g_checked: list[int] = []  # the gradient pointers step_grads last found supported
         self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
 
@@ -766,18 +776,24 @@ class FusedPass:
         }
         return groups, launches
 
-    def _cuda_after_compiles(self) -> bool:
+    def _cuda_compiles(self) -> bool:
         """Compile (once per process and launch shape) the CUDA C ``after`` kernel of each launch that runs, kept
-        for the steps in ``_cuda_kernels`` (a prefix of the launches: ULP goes with the first); False where NVRTC
-        cannot."""
+        for the steps in ``_cuda_kernels`` (a prefix of the launches: ULP goes with the first), and ``reduce_rows``
+        (from any build); False where NVRTC cannot."""
+        device = self.snapshot.device
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
         self._cuda_kernels = [
-            _fused_cuda.kernel(self.snapshot.device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK)
+            _fused_cuda.kernel(device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK)
             for gi, launch in enumerate(self._launches["after"])
             for ulp in [do_ulp and gi == 0]
             if ulp or do_flips
         ]
-        return all(k is not None for k in self._cuda_kernels)
+        if not all(k is not None for k in self._cuda_kernels):
+            return False
+        # Without ULP and flips (no after kernel), a build without formats or families gives reduce_rows.
+        first = self._cuda_kernels[0] if self._cuda_kernels else _fused_cuda.kernel(device, (), *_NONE, chunk=CHUNK)
+        self._reduce_fn = None if first is None else first.reduce
+        return first is not None
 
     @staticmethod
     def grads_supported(grads: Sequence[torch.Tensor | None]) -> bool:
@@ -786,6 +802,23 @@ class FusedPass:
         set), so those are not compared again: this runs on every step, and the comparisons cost ~0.2 ms for 150
         parameters (``benchmarks/NOTES.md``, session 7)."""
         return all(g is not None and _fits(g) for g in grads)
+
+    def step_grads(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """This step's gradients (the parameters' ``.grad``) and their data pointers where all of them fit the fast
+        path (:meth:`grads_supported`), else ``None``. Gradients usually keep their storage from step to step: where
+        the pointers are those checked last and every gradient is contiguous, dtype (a parameter's, by torch's rule
+        for ``.grad``) and alignment (the pointer's) are known and the full check is skipped (benchmarks/NOTES.md,
+        session 9: 0.13 ms per step for 147 parameters on a GPU machine's host, all told)."""
+        grads = cast(list[torch.Tensor], [p.grad for p in self.params])  # None caught below
+        try:
+            ptrs = [g.data_ptr() if g.is_contiguous() else -1 for g in grads]
+        except AttributeError:  # a parameter without gradient at this step
+            return None
+        if ptrs != self._g_checked:
+            if not self.grads_supported(grads):
+                return None
+            self._g_checked = ptrs
+        return grads, ptrs
 
     def sample_of(self, i: int) -> torch.Tensor:
         """The sampled element indices of parameter ``i`` (a view of the pass's own buffer)."""
@@ -801,10 +834,13 @@ class FusedPass:
         """False once a parameter's storage moved (e.g. ``model.to(...)``): rebuild the pass then."""
         return [p.data_ptr() for p in self.params] == self._w_ptrs
 
-    def before(self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None) -> None:
-        """Stiffness and grid sums of this step (and the snapshot), added to the pass's running sums."""
+    def before(
+        self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None, g_ptrs: list[int] | None = None
+    ) -> None:
+        """Stiffness and grid sums of this step (and the snapshot), added to the pass's running sums; ``g_ptrs``: the
+        gradients' data pointers where the caller has them (:meth:`step_grads`)."""
         device = self.snapshot.device
-        ptrs = [g.data_ptr() for g in grads]
+        ptrs = [g.data_ptr() for g in grads] if g_ptrs is None else g_ptrs
         if ptrs != self._g_ptrs:  # gradients usually keep their storage from step to step: upload only changes
             g_tab = torch.tensor(ptrs, dtype=torch.int64)
             # A pinned source makes the copy asynchronous: no host synchronisation on the training step.
@@ -817,7 +853,7 @@ class FusedPass:
             cols = launch.cols
             if not cols and not write_snap:
                 break
-            part = torch.empty((self.n_chunks, max(len(cols), 1)), dtype=torch.float64, device=device)
+            part = self._part(("before", gi), len(cols))
             if self.backend == "c":
                 flags = (0, grad_scale is not None, write_snap, self.sampled, do_stiff, do_grid, 0, 0, 0)
                 self._run_c(flags, launch, part, self._hist, gscale)
@@ -844,12 +880,13 @@ class FusedPass:
             if not (ulp_here or do_flips):
                 break
             cols = launch.cols
-            part = torch.empty((self.n_chunks, len(cols)), dtype=torch.float64, device=device)
-            hist = self._hist if taken is None else torch.zeros_like(self._hist)
+            part = self._part(("after", gi), len(cols))
+            # The CUDA C kernel adds its histogram unless `taken` is false; the others add theirs to a zeroed copy.
+            hist = self._hist if taken is None or self.backend == "cuda" else torch.zeros_like(self._hist)
             if self.backend == "c":
                 self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
             elif self.backend == "cuda":
-                self._run_cuda(gi, part, hist)
+                self._run_cuda(gi, part, taken)
             else:
                 _after_kernel[(self.n_chunks,)](
                     self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
@@ -859,7 +896,7 @@ class FusedPass:
                     CHUNK_=CHUNK, ROWS=_ROWS, VEC=_VEC, HIST_BINS=_HIST_BINS, HIST=_HIST, WINDOW=_WINDOW,
                     STAGES=_STAGES, num_warps=_NUM_WARPS,
                 )  # fmt: skip
-            if ulp_here and taken is not None:
+            if ulp_here and taken is not None and hist is not self._hist:
                 self._hist += torch.where(taken, hist, 0)
             self._add(("after", gi), launch, part, taken)
             if do_flips and self.per_parameter_stalls:
@@ -897,17 +934,43 @@ class FusedPass:
         if rc != 0:  # pragma: no cover - the arguments are checked above
             raise RuntimeError(f"altgrad_fused_pass refused its arguments (rc {rc})")
 
-    def _run_cuda(self, gi: int, part: torch.Tensor, hist: torch.Tensor) -> None:
+    def _part(self, key: tuple[str, int], ncols: int) -> torch.Tensor:
+        """The partial rows of launch ``key`` (one per chunk), allocated on first use."""
+        part = self._parts.get(key)
+        if part is None:
+            shape = (self.n_chunks, max(ncols, 1))
+            part = self._parts[key] = torch.empty(shape, dtype=torch.float64, device=self.snapshot.device)
+        return part
+
+    def _run_cuda(self, gi: int, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """The ``after`` phase of launch ``gi`` through its CUDA C kernel (compiled when the backend was chosen)."""
-        compiled = self._cuda_kernels[gi]
-        assert compiled is not None and self._work is not None
-        fn, grid = compiled
-        tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel)
-        _fused_cuda.launch(fn, grid, (*tables, self.snapshot, part, hist, self._work), self.n_chunks, part.shape[1])
+        call = self._calls.get(("after", "after", gi))
+        if call is None:
+            compiled = self._cuda_kernels[gi]
+            assert compiled is not None and self._work is not None
+            blocks = min(compiled.grid, -(-self.n_chunks // (_fused_cuda.THREADS // 32)))  # a warp per chunk
+            tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot)
+            sizes = (ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]))
+            args = (*tables, part, self._hist, self._work, *sizes)
+            call = self._calls["after", "after", gi] = _fused_cuda.Call(compiled.after, blocks, args, part.device)
+        call(taken)
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
-        the max columns: a handful of small operations per kernel, whatever the number of columns."""
+        the max columns: one CUDA C launch on the CUDA backend, a handful of small operations per kernel on the
+        others, whatever the number of columns."""
+        if self.backend == "cuda":
+            call = self._calls.get(("reduce", key[0], key[1]))
+            if call is None:
+                assert self._reduce_fn is not None and part.shape[1] <= 64  # max_mask's bits
+                acc = self._acc_dev[key] = torch.zeros(part.shape[1], dtype=torch.float64, device=part.device)
+                max_mask = ctypes.c_ulonglong(sum(1 << j for j in launch.max_cols))
+                args = (part, ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]), max_mask, acc)
+                call = _fused_cuda.Call(self._reduce_fn, part.shape[1], args, part.device)
+                self._calls["reduce", key[0], key[1]] = call
+            call(taken)
+            self._acc[key] = (self._acc_dev[key], None)  # maxima in their columns
+            return
         total = part.sum(0)
         # Column views, not a list index: that would upload an index tensor, a host synchronisation per step.
         top = torch.stack([part[:, j] for j in launch.max_cols], 1).amax(0) if launch.max_cols else None
@@ -936,8 +999,8 @@ class FusedPass:
             n_total["after"] = n_total["after"] + self.n_total * self._after_taken
         for (phase, gi), (acc, top) in self._acc.items():
             cols = self._launches[phase][gi].cols
+            acc = acc.clone()  # the CUDA backend's running sums are set back to 0 below
             if top is not None:
-                acc = acc.clone()
                 for k, j in enumerate(self._launches[phase][gi].max_cols):
                     acc[j] = top[k]
             names = [f.name for f in self._groups[phase][gi]]
@@ -961,7 +1024,9 @@ class FusedPass:
             ulp["hist"][0] = ulp["n_zero"]  # bucket 0 is no count: the kernels count moved elements only
         stalls = self._stalls
         self._acc, self._stalls = {}, {}
-        self._hist = torch.zeros_like(self._hist)
+        for acc in self._acc_dev.values():  # after the reads above, in stream order
+            acc.zero_()
+        self._hist.zero_()  # in place: the packed CUDA launches hold its pointer
         self._before_steps = self._after_steps = 0
         self._after_taken = None
         return out, stalls

@@ -112,7 +112,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ snap_off,
              const int *__restrict__ chunk_t, const long long *__restrict__ chunk_start,
              const long long *__restrict__ numel, const float *__restrict__ snap, double *__restrict__ part,
-             unsigned long long *__restrict__ hist, unsigned int *__restrict__ work, long long n_chunks, int ncols) {
+             unsigned long long *__restrict__ hist, unsigned int *__restrict__ work, long long n_chunks, int ncols,
+             const bool *__restrict__ taken) {
     __shared__ unsigned int h[HIST_BINS];
     if (DO_HIST)
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS) h[i] = 0;
@@ -279,9 +280,39 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
     }
     /* The last warp out sets the counters back to 0 for the next launch (every warp has drawn its last ticket). */
     if (lane == 0 && atomicAdd(work + 1, 1u) == gridDim.x * (THREADS / 32) - 1) work[0] = work[1] = 0;
-    if (DO_HIST) {
+    /* The histogram of a step the optimizer skipped (*taken false: AMP found inf/NaN gradients) is not added. */
+    if (DO_HIST && (taken == nullptr || *taken)) {
         __syncthreads();
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS)
             if (i != 0 && h[i]) atomicAdd(&hist[i], (unsigned long long)h[i]);
     }
+}
+
+/* The partial rows of one launch (part: n_rows x ncols, row-major) added to its running sums `acc`: column sums, or
+ * maxima for the columns whose bit is set in max_mask (non-negative values; running maxima start at 0), nothing
+ * where *taken is false (a step the optimizer skipped). One block per column; each thread adds a fixed stride of
+ * rows and the block's threads combine in a fixed tree, so the sums are the same on every run. One launch in place
+ * of the handful of torch operations per kernel of _fused.FusedPass._add (host time: benchmarks/NOTES.md, session 9).
+ */
+extern "C" __global__ void __launch_bounds__(THREADS)
+reduce_rows(const double *__restrict__ part, long long n_rows, int ncols, unsigned long long max_mask,
+            double *__restrict__ acc, const bool *__restrict__ taken) {
+    __shared__ double s[THREADS];
+    const int j = blockIdx.x;
+    const bool is_max = (max_mask >> j) & 1ull;
+    double v = 0.0;
+    for (long long r = threadIdx.x; r < n_rows; r += THREADS) {
+        const double x = part[r * ncols + j];
+        v = is_max ? fmax(v, x) : v + x;
+    }
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) {
+            const double o = s[threadIdx.x + half];
+            s[threadIdx.x] = is_max ? fmax(s[threadIdx.x], o) : s[threadIdx.x] + o;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && (taken == nullptr || *taken)) acc[j] = is_max ? fmax(acc[j], s[0]) : acc[j] + s[0];
 }

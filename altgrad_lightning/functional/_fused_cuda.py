@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,7 +33,17 @@ _lock = threading.Lock()
 _libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
 _reason: str | None = None
 _tried = False
-_kernels: dict[tuple[int, int, tuple[_Row, ...], bool, bool, bool], tuple[ctypes.c_void_p, int] | None] = {}
+
+
+class Compiled(NamedTuple):
+    """One build of the source: its two kernels, and the ``after`` kernel's grid (resident blocks on all SMs)."""
+
+    after: ctypes.c_void_p
+    reduce: ctypes.c_void_p
+    grid: int
+
+
+_kernels: dict[tuple[int, int, tuple[_Row, ...], bool, bool, bool], Compiled | None] = {}
 
 
 def _formats_define(fmts: Sequence[_Row]) -> str:
@@ -108,11 +118,11 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | 
 
 def kernel(
     device: torch.device, fmts: Sequence[_Row], do_ulp: bool, do_hist: bool, do_flips: bool, *, chunk: int
-) -> tuple[ctypes.c_void_p, int] | None:
-    """The compiled ``after_kernel`` for these formats (rows of ``_fused._format_constants``, at most
-    :data:`MAX_FORMATS`) and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple
-    of 128), and its grid size (resident blocks on all SMs), or ``None`` where CUDA C cannot be compiled or loaded
-    here."""
+) -> Compiled | None:
+    """The source compiled for these formats (rows of ``_fused._format_constants``, at most :data:`MAX_FORMATS`)
+    and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple of 128): its
+    ``after_kernel`` and ``reduce_rows`` (which needs no format: any build serves), or ``None`` where CUDA C cannot be
+    compiled or loaded here."""
     global _libs, _reason, _tried
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, chunk, tuple(fmts), do_ulp, do_hist, do_flips)
@@ -138,11 +148,12 @@ def kernel(
                 # A lane sums at most chunk / 32 grid-step counts of at most 2 IMAX each.
                 defines += ["STEPS_T=unsigned"] if fmts and chunk // 32 * 2 * max(f[5] for f in fmts) < 2**32 else []
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
-                module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+                module, fn, reduce = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
                     raise RuntimeError("cuModuleLoadData failed")
-                if cuda.cuModuleGetFunction(ctypes.byref(fn), module, b"after_kernel") != 0:
-                    raise RuntimeError("cuModuleGetFunction failed")
+                for out, name in ((fn, b"after_kernel"), (reduce, b"reduce_rows")):
+                    if cuda.cuModuleGetFunction(ctypes.byref(out), module, name) != 0:
+                        raise RuntimeError(f"cuModuleGetFunction({name.decode()}) failed")
                 per_sm, no_dynamic_smem = ctypes.c_int(), ctypes.c_size_t(0)
                 if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, THREADS, no_dynamic_smem):
                     raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
@@ -152,24 +163,46 @@ def kernel(
             _reason = f"the CUDA C after kernel is unavailable: {err}"
             _kernels[key] = None
             return None
-        _kernels[key] = (fn, max(1, per_sm.value) * sms)
+        _kernels[key] = Compiled(fn, reduce, max(1, per_sm.value) * sms)
         return _kernels[key]
 
 
-def launch(fn: ctypes.c_void_p, grid: int, tensors: Sequence[torch.Tensor], n_chunks: int, ncols: int) -> None:
-    """Launch on torch's current stream: ``tensors`` are w_tab, snap_off, chunk_t, chunk_start, numel, snapshot,
-    part, hist and the work counters (two int32 zeros, which the kernel leaves at zero), in the kernel's order."""
-    assert _libs is not None
-    args: list[Any] = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
-    args += [ctypes.c_longlong(n_chunks), ctypes.c_int(ncols)]
-    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-    device = tensors[0].device
-    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-    blocks = min(grid, -(-n_chunks // (THREADS // 32)))  # a warp per chunk
-    with torch.cuda.device(device):  # the function belongs to this device's context
-        rc = _libs[1].cuLaunchKernel(fn, blocks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
-    if rc != 0:  # pragma: no cover - the arguments are checked by the caller
-        raise RuntimeError(f"cuLaunchKernel of the CUDA C after kernel failed (CUresult {rc})")
+class Call:
+    """One kernel's launch on torch's current stream with its arguments packed once: ``args`` (tensors, passed as
+    their data pointers, and ctypes scalars, in the kernel's order) must keep their storage for as long as the call
+    is used, and a last ``const bool *taken`` argument is set on each call. The host time of a launch is then the
+    driver's (~10 µs), where packing the arguments and entering the device's context cost ~50 µs per launch on the
+    GPU machines (benchmarks/NOTES.md, session 9)."""
+
+    def __init__(self, fn: ctypes.c_void_p, blocks: int, args: Sequence[Any], device: torch.device) -> None:
+        assert _libs is not None and device.index is not None
+        self._fn, self._blocks, self._index = fn, blocks, device.index
+        self._taken = ctypes.c_void_p(None)
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+        values.append(self._taken)
+        self._values = values  # the ctypes objects the packed pointers point into
+        pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+        self._params = (ctypes.c_void_p * len(values))(*pointers)
+
+    def __call__(self, taken: torch.Tensor | None = None) -> None:
+        """Launch; ``taken`` (a 0-d bool tensor on the device, or ``None`` for true) as the kernel's last argument."""
+        assert _libs is not None
+        self._taken.value = None if taken is None else taken.data_ptr()
+        stream = ctypes.c_void_p(_raw_stream(self._index))
+        if torch.cuda.current_device() == self._index:
+            rc = _libs[1].cuLaunchKernel(self._fn, self._blocks, 1, 1, THREADS, 1, 1, 0, stream, self._params, None)
+        else:
+            with torch.cuda.device(self._index):  # the function belongs to this device's context
+                rc = _libs[1].cuLaunchKernel(self._fn, self._blocks, 1, 1, THREADS, 1, 1, 0, stream, self._params, None)
+        if rc != 0:  # pragma: no cover - the arguments are checked by the caller
+            raise RuntimeError(f"cuLaunchKernel of a CUDA C kernel of the fused pass failed (CUresult {rc})")
+
+
+def _raw_stream(index: int) -> int:
+    """torch's current stream on device ``index`` as a ``CUstream`` (the private binding Triton's launcher uses:
+    ~1 µs, where ``torch.cuda.current_stream`` builds a Stream object)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return int(raw(index)) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
 def unavailable_reason() -> str | None:
