@@ -38,6 +38,7 @@ import torch
 
 from altgrad_lightning.formats import FloatFormat
 from altgrad_lightning.functional import _fused_cpu, _fused_cuda
+from altgrad_lightning.functional._fused_cuda import FormatRow
 from altgrad_lightning.functional._reduce import Sums
 from altgrad_lightning.functional.ulp import _FINE_BINS
 from altgrad_lightning.quantize import compute_dtype
@@ -85,7 +86,7 @@ class _Launch(NamedTuple):
     """What one kernel launch of a pass needs on every step, fixed when the pass is built."""
 
     cols: list[_Column]  # its partial-row columns, in kernel order
-    fmts: tuple[tuple[int, int, int, float, float, int, float, float, float], ...]  # _format_constants per format
+    fmts: tuple[FormatRow, ...]  # _format_constants per format
     max_cols: list[int]  # the indices of its maximum columns
     stall_cols: list[tuple[int, int]]  # per format, the indices of n_updated and n_stall ("after" with flips)
 
@@ -110,15 +111,18 @@ def _after_columns(do_ulp: bool, do_flips: bool, nf: int) -> list[_Column]:
     return cols
 
 
-def _format_constants(fmt: FloatFormat) -> tuple[int, int, int, float, float, int, float, float, float]:
-    """``(EMIN, ECLAMP, M, 2**M, max, index of max, and three powers of two for values below 2**EMIN)``: what the
-    kernels need of a format, as constexprs."""
+def _format_constants(fmt: FloatFormat) -> FormatRow:
+    """``(EMIN, ECLAMP, M, 2**M, max, index of max, three powers of two for values below 2**EMIN, MAGIC)``: what
+    the kernels need of a format, as constexprs. MAGIC (0 or 1): the kernels may round by adding a power of two,
+    ``2**(e + 23 - M)`` for the exponent ``e`` of a value up to max, which must be a finite float32 (all formats but
+    those as wide as bfloat16, whose max's binade reaches float32's)."""
     m, emin = fmt.mantissa_bits, fmt.emin
     e = max(math.frexp(fmt.max)[1] - 1, emin)
     imax = ((e - emin) << m) + int(fmt.max * 2.0 ** (m - e))
     scale = m - emin  # below 2**emin, _round_index scales by 2**scale in two float32 factors
     below = (2.0 ** min(scale, 127), 2.0 ** max(scale - 127, 0), 2.0 ** (emin - m))
-    return emin, max(emin, fmt.emax), m, 2.0**m, float(fmt.max), imax, *below
+    magic = int(m <= 22 and e + 23 - m <= 127)
+    return emin, max(emin, fmt.emax), m, 2.0**m, float(fmt.max), imax, *below, magic
 
 
 def fused_format_supported(fmt: FloatFormat) -> bool:
@@ -245,7 +249,9 @@ if HAS_TRITON:
         of ``a`` clamped to EMIN; a carry into the next binade lands on the same index). Only finite ``a``
         matter; exact for formats below 31 bits.
 
-        With M < 23 it is integer surgery on the float32 bits, no conversions: above 2**EMIN the significand is
+        With MAGIC (see ``_format_constants``), ``a`` is first saturated and ``a + 2**(e + 23 - M)`` rounds it:
+        float32's spacing in that sum's binade is the format's at ``a`` (the CUDA C kernel's round_index). Otherwise,
+        with M < 23 it is integer surgery on the float32 bits, no conversions: above 2**EMIN the significand is
         moved to [2**M, 2**(M + 1)) by setting its exponent field, below it ``a`` is scaled by 2**(M - EMIN)
         (exactly, two factors); adding 2**23 then rounds to the nearest integer (ties to even) and leaves
         ``n`` in the low bits, and the grid value is ``a``'s exponent field with ``n``'s bits as mantissa (a carry
@@ -256,22 +262,33 @@ if HAS_TRITON:
         P2M: tl.constexpr = FMTS[F][3]
         FMAX: tl.constexpr = FMTS[F][4]
         IMAX: tl.constexpr = FMTS[F][5]
-        bits = a.to(tl.int32, bitcast=True)
-        if M < 23:
-            normal = bits >= ((EMIN + 127) << 23)  # a >= 2**EMIN: non-negative floats order as their bits
-            r_normal = ((bits & 0x7FFFFF) | ((M + 127) << 23)).to(tl.float32, bitcast=True)
-            r = tl.where(normal, r_normal, (a * FMTS[F][6]) * FMTS[F][7])
-            t = r + 8388608.0  # 2**23 + n
-            n = t.to(tl.int32, bitcast=True) - 0x4B000000
-            q_normal = ((bits & 0x7F800000) - 0x800000 + (n << (23 - M))).to(tl.float32, bitcast=True)
-            q = tl.where(normal, q_normal, (t - 8388608.0) * FMTS[F][8])
-            idx = tl.where(normal, ((bits >> 23) - (EMIN + 127)) << M, 0) + n
-        else:  # float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23
-            e, n = _scaled_count(a, EMIN, P2M)
-            q = (n / P2M) * _pow2_f32(e)
-            idx = ((e - EMIN) << M) + n.to(tl.int32)
-        over = idx > IMAX  # q > FMAX
-        return tl.where(over, FMAX, q), tl.where(over, IMAX, idx)
+        if FMTS[F][9]:  # MAGIC: saturation first, then rounding by adding a power of two (_fused_cuda.cu)
+            a_sat = tl.minimum(a, FMAX)  # max is a grid value and rounding is monotone
+            k = tl.maximum(a_sat.to(tl.int32, bitcast=True) >> 23, EMIN + 127)  # the exponent field of max(e, EMIN)
+            c_bits = (k + (23 - M)) << 23
+            c = c_bits.to(tl.float32, bitcast=True)  # 2**(e + 23 - M): a + c rounds a onto the grid
+            t_c = a_sat + c
+            q_out = t_c - c
+            idx_out = t_c.to(tl.int32, bitcast=True) - c_bits + ((k - (EMIN + 127)) << M)
+        else:
+            bits = a.to(tl.int32, bitcast=True)
+            if M < 23:
+                normal = bits >= ((EMIN + 127) << 23)  # a >= 2**EMIN: non-negative floats order as their bits
+                r_normal = ((bits & 0x7FFFFF) | ((M + 127) << 23)).to(tl.float32, bitcast=True)
+                r = tl.where(normal, r_normal, (a * FMTS[F][6]) * FMTS[F][7])
+                t = r + 8388608.0  # 2**23 + n
+                n = t.to(tl.int32, bitcast=True) - 0x4B000000
+                q_normal = ((bits & 0x7F800000) - 0x800000 + (n << (23 - M))).to(tl.float32, bitcast=True)
+                q = tl.where(normal, q_normal, (t - 8388608.0) * FMTS[F][8])
+                idx = tl.where(normal, ((bits >> 23) - (EMIN + 127)) << M, 0) + n
+            else:  # float32's own significand width: nothing to round above 2**EMIN, below it as for M < 23
+                e, n = _scaled_count(a, EMIN, P2M)
+                q = (n / P2M) * _pow2_f32(e)
+                idx = ((e - EMIN) << M) + n.to(tl.int32)
+            over = idx > IMAX  # q > FMAX
+            q_out = tl.where(over, FMAX, q)
+            idx_out = tl.where(over, IMAX, idx)
+        return q_out, idx_out
 
     @triton.jit
     def _ordered(bits):

@@ -749,16 +749,13 @@ static void *worker(void *arg) {
 }
 
 /* A format from one row of _format_constants: (EMIN, ECLAMP, M, 2**M, max, IMAX, sub-scale 1, sub-scale 2,
- * 2**(EMIN - M)). */
+ * 2**(EMIN - M), MAGIC). */
 static void set_format(fmt_t *F, const double *r) {
     F->emin = (int32_t)r[0]; F->eclamp = (int32_t)r[1]; F->m = (int32_t)r[2]; F->p2m = (float)r[3];
     F->fmax = (float)r[4]; F->fmax64 = r[4]; F->imax = (int32_t)r[5];
     F->sub_c_bits = (uint32_t)(F->emin - F->m + 23 + 127) << 23; /* normal: EMIN >= -126, M <= 23 */
     F->sub_c = u2f_scalar(F->sub_c_bits);
-    uint32_t fmax_bits;
-    memcpy(&fmax_bits, &F->fmax, 4);
-    /* 2**(e + 23 - M) is a finite float32 for every binade e up to max's (a normal float32) */
-    F->magic = F->m <= 22 && (int32_t)(fmax_bits >> 23) - 127 + 23 - F->m <= 127;
+    F->magic = r[9] != 0.0; /* 2**(e + 23 - M) is a finite float32 for every binade e up to max's */
 }
 
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
@@ -777,7 +774,7 @@ int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t
     J.has_gscale = flags[1]; J.write_snap = flags[2]; J.sampled = flags[3]; J.do_stiff = flags[4];
     J.do_grid = flags[5]; J.do_ulp = flags[6]; J.do_flips = flags[7]; J.do_hist = flags[8];
     J.nf = nf; J.ncols = ncols; J.chunk = chunk; J.n_chunks = n_chunks; J.next = 0;
-    for (int f = 0; f < nf; f++) set_format(&J.f[f], fmts + 9 * f);
+    for (int f = 0; f < nf; f++) set_format(&J.f[f], fmts + 10 * f);
     worker_arg_t arg = {&J, flags[0]};
     if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
     run_parallel(worker, &arg, threads);

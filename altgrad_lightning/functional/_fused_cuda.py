@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
-import math
 import os
 import site
 import struct
@@ -28,7 +27,7 @@ _SOURCE = Path(__file__).with_name("_fused_cuda.cu")
 THREADS = 256  # the source's THREADS
 MAX_FORMATS = 4  # formats per launch (each one's accumulators cost registers)
 
-_Row = tuple[int, int, int, float, float, int, float, float, float]  # a row of _fused._format_constants
+FormatRow = tuple[int, int, int, float, float, int, float, float, float, int]  # a row of _fused._format_constants
 _lock = threading.Lock()
 _libs: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
 _reason: str | None = None
@@ -43,20 +42,18 @@ class Compiled(NamedTuple):
     grid: int
 
 
-_kernels: dict[tuple[int, int, tuple[_Row, ...], bool, bool, bool], Compiled | None] = {}
+_kernels: dict[tuple[int, int, tuple[FormatRow, ...], bool, bool, bool], Compiled | None] = {}
 
 
-def _formats_define(fmts: Sequence[_Row]) -> str:
+def _formats_define(fmts: Sequence[FormatRow]) -> str:
     """The source's FORMATS initialiser for rows of ``_fused._format_constants`` (as the C backend's set_format;
     floats in hexadecimal, so the constants are exact)."""
     rows = []
-    for emin, eclamp, m, p2m, fmax, imax, *_ in fmts:
+    for emin, eclamp, m, p2m, fmax, imax, *_, magic in fmts:
         sub_c_bits = (emin - m + 23 + 127) << 23  # 2**(EMIN - M + 23), a normal float32 for the supported formats
         (sub_c,) = struct.unpack("<f", struct.pack("<I", sub_c_bits))
-        # round_index's magic-constant rounding needs 2**(e + 23 - M) finite for every e up to max's exponent
-        magic = m <= 22 and math.frexp(fmax)[1] - 1 + 23 - m <= 127
         rows.append(
-            f"{{{emin}, {eclamp}, {m}, {imax}, {str(magic).lower()}, {sub_c_bits:#x}u, {float(p2m).hex()}f, "
+            f"{{{emin}, {eclamp}, {m}, {imax}, {'true' if magic else 'false'}, {sub_c_bits:#x}u, {float(p2m).hex()}f, "
             f"{float(fmax).hex()}f, "
             f"{float(sub_c).hex()}f, {float(fmax).hex()}}}"
         )
@@ -117,7 +114,7 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | 
 
 
 def kernel(
-    device: torch.device, fmts: Sequence[_Row], do_ulp: bool, do_hist: bool, do_flips: bool, *, chunk: int
+    device: torch.device, fmts: Sequence[FormatRow], do_ulp: bool, do_hist: bool, do_flips: bool, *, chunk: int
 ) -> Compiled | None:
     """The source compiled for these formats (rows of ``_fused._format_constants``, at most :data:`MAX_FORMATS`)
     and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple of 128): its
