@@ -35,7 +35,7 @@ HAS_CC = bool(_fused_cpu._compiler())
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the CPU backend")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of torch ship it)")
 needs_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON), reason="the CUDA C after kernel runs beside Triton on CUDA"
+    not (torch.cuda.is_available() and HAS_TRITON), reason="the CUDA C kernels run beside Triton on CUDA"
 )
 BACKENDS = [
     pytest.param("c", marks=needs_cc),
@@ -46,12 +46,12 @@ BACKENDS = [
 
 
 def _require_cuda_c(fmts) -> None:
-    """Skip where NVRTC does not build the CUDA C after kernel for these formats (ULP, histogram and flips)."""
+    """Skip where NVRTC does not build the CUDA C kernels for these formats (every family)."""
     from altgrad_lightning.functional._fused import CHUNK, _format_constants
 
     rows = tuple(_format_constants(f) for f in fmts)
-    if _fused_cuda.kernel(torch.device("cuda"), rows, True, True, True, chunk=CHUNK) is None:
-        pytest.skip(f"no CUDA C after kernel here: {_fused_cuda.unavailable_reason()}")
+    if _fused_cuda.kernel(torch.device("cuda"), rows, _fused_cuda.Families(*[True] * 6), chunk=CHUNK) is None:
+        pytest.skip(f"no CUDA C kernels here: {_fused_cuda.unavailable_reason()}")
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +177,9 @@ def _assert_one_step_equals_reference(fused, param, grad, w, g, after, fmts, dia
             _assert_sums_equal(got[family][key], ref[family][key], f"{where} {family}/{key}")
 
 
-@pytest.mark.parametrize("diagnostics", [("stiffness", "grid", "ulp", "flips"), ("ulp",), ("grid", "flips")])
+@pytest.mark.parametrize(
+    "diagnostics", [("stiffness", "grid", "ulp", "flips"), ("ulp",), ("grid", "flips"), ("stiffness",)]
+)
 def test_fused_pass_equals_reference_sums(diagnostics, backend):
     kind, dev = backend
     fmts = [get_format(f) for f in FORMATS]
@@ -344,9 +346,9 @@ def test_cuda_after_kernel_shares_many_chunks_among_blocks():
 
 
 @needs_cuda_triton
-def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypatch):
-    """Where NVRTC is missing or the CUDA C source does not build, the default pass on CUDA takes Triton's ``after``
-    kernel, whose sums are the same (the reference's)."""
+def test_without_the_cuda_c_kernels_the_pass_takes_tritons(monkeypatch):
+    """Where NVRTC is missing or the CUDA C source does not build, the default pass on CUDA takes Triton's kernels,
+    whose sums are the same (the reference's)."""
     fmts = [get_format("float8_e4m3fn")]
     diagnostics = ("ulp", "flips")
     w, g, after = _adversarial(5000, 3)
@@ -355,7 +357,7 @@ def test_without_the_cuda_c_kernel_the_pass_takes_tritons_after_kernel(monkeypat
     fused = FusedPass([param], fmts, diagnostics)
     assert fused.backend == "triton"
     _assert_one_step_equals_reference(fused, param, g.to(DEVICE), w, g, after, fmts, diagnostics, "fallback")
-    with pytest.raises(ValueError, match="CUDA C after kernel"):
+    with pytest.raises(ValueError, match="CUDA C kernels"):
         FusedPass([param], fmts, diagnostics, backend="cuda")
 
 

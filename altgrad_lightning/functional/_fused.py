@@ -2,9 +2,9 @@
 
 The reference path (``_update`` functions of this package, one call per parameter and family) runs dozens of
 elementwise kernels per parameter, each reading and writing full-size temporaries. A monitor that stays switched
-on must cost next to nothing, so the callback uses two passes instead, as Triton kernels on CUDA (with ``after`` in
-CUDA C compiled by NVRTC where it builds: ``_fused_cuda.cu``) and as compiled C on the CPU (``_fused_cpu.c``: the
-same passes, chunk table, partial rows and arithmetic):
+on must cost next to nothing, so the callback uses two passes instead, as CUDA C kernels compiled by NVRTC on CUDA
+(``_fused_cuda.cu``; Triton kernels where that does not build, and for sampled elements) and as compiled C on the
+CPU (``_fused_cpu.c``: the same passes, chunk table, partial rows and arithmetic):
 
 - ``before`` (at ``on_before_optimizer_step``): reads ``w`` and ``g`` once, writes the snapshot of ``w`` that the
   ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;
@@ -18,7 +18,8 @@ concatenation copy), so one step touches about 20 bytes per float32 parameter fo
 ``benchmarks/NOTES.md``. Every program reduces its chunk to one row of partial sums, each thread first summing the
 four elements of its 16-byte loads in registers; one ``sum`` over the rows gives the same sums as the reference
 ``_update`` functions (counts exactly, float64 sums up to summation order), which ``tests/test_fused.py`` checks on
-adversarial inputs. A step queues its kernels and a few small operations and returns: no host synchronisation.
+adversarial inputs. A step queues its kernels and a few small operations (on CUDA with NVRTC: one more kernel per
+launch, ``reduce_rows``) and returns: no host synchronisation.
 
 What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
 weights on one CUDA device (with Triton) or on the CPU (with a C compiler), such float32 gradients, no per-tensor
@@ -64,11 +65,11 @@ _STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): bench
 _MAX_FORMATS = {"before": 4, "after": 1}
 # The C backend keeps a block's lanes in L1 whatever the formats: one call per phase up to its own limit.
 _MAX_FORMATS_CPU = {"before": 8, "after": 8}
-# The CUDA C `after` kernel (_fused_cuda.cu) is compiled per launch shape, for up to its MAX_FORMATS formats.
-_MAX_FORMATS_CUDA = {"before": _MAX_FORMATS["before"], "after": _fused_cuda.MAX_FORMATS}
+# The CUDA C kernels (_fused_cuda.cu) are compiled per launch shape, for up to its MAX_FORMATS formats: the same
+# groups in both phases, so that one build per launch serves its before and after kernels.
+_MAX_FORMATS_CUDA = {"before": _fused_cuda.MAX_FORMATS, "after": _fused_cuda.MAX_FORMATS}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
-_NONE = (False, False, False)  # no ULP, histogram or flips (_fused_cuda.kernel)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
 
 # Columns of the partial-sum rows: the format-independent ones once per launch, then each format's.
@@ -670,10 +671,11 @@ class FusedPass:
     (one int32 tensor of element indices per parameter), every diagnostic covers those
     elements only: the kernels gather them, and the snapshot holds just them.
 
-    ``backend`` is ``"cuda"`` (the default on CUDA where NVRTC compiles ``_fused_cuda.cu``, and no sample: Triton's
-    ``before`` kernel and the CUDA C ``after`` kernel, whose shared-memory histogram Triton cannot express),
-    ``"triton"`` (both Triton kernels: the default on CUDA otherwise; on CPU tensors only under Triton's interpreter,
-    for tests) or ``"c"`` (the default on the CPU: ``_fused_cpu.c``, the same passes and partial rows in compiled C).
+    ``backend`` is ``"cuda"`` (the default on CUDA where NVRTC compiles ``_fused_cuda.cu``, and no sample: CUDA C
+    kernels launched through the driver, ~10 µs of host time each where Triton's launcher takes ~40 µs, and an
+    ``after`` kernel whose shared-memory histogram Triton cannot express), ``"triton"`` (both Triton kernels: the
+    default on CUDA otherwise; on CPU tensors only under Triton's interpreter, for tests) or ``"c"`` (the default on
+    the CPU: ``_fused_cpu.c``, the same passes and partial rows in compiled C).
     """
 
     def __init__(
@@ -692,7 +694,7 @@ class FusedPass:
         device = self.params[0].device
         self.backend = backend or ("c" if device.type == "cpu" else "triton")
         if backend is None and device.type == "cuda" and samples is None and HAS_TRITON:
-            self.backend = "cuda"  # where its kernels compile (checked below, Triton's after kernel otherwise)
+            self.backend = "cuda"  # where its kernels compile (checked below, Triton's kernels otherwise)
         self._lib = _fused_cpu.load() if self.backend == "c" else None
         if self.backend == "c":
             if self._lib is None or device.type != "cpu":
@@ -734,13 +736,13 @@ class FusedPass:
         self._groups, self._launches = self._plan()
         # The CUDA C build of each after launch that runs (ULP and/or flips), and the kernel that adds a launch's
         # partial rows to its running sums; their packed launches, made on first use ((kind, phase, launch) keys).
-        self._cuda_kernels: list[_fused_cuda.Compiled | None] = []
+        self._cuda_kernels: list[_fused_cuda.Compiled] = []
         self._reduce_fn: ctypes.c_void_p | None = None
         self._calls: dict[tuple[str, str, int], _fused_cuda.Call] = {}
         if self.backend == "cuda" and not self._cuda_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
-                raise ValueError(f"Expected the CUDA C after kernel to build for backend='cuda', but {why}")
+                raise ValueError(f"Expected the CUDA C kernels to build for backend='cuda', but {why}")
             self.backend = "triton"
             self._groups, self._launches = self._plan()
         # Running sums since the last drain(): (phase, group) -> (float64 column sums, maxima or None).
@@ -759,7 +761,7 @@ class FusedPass:
         self._after_taken: torch.Tensor | None = None
         self._g_ptrs: list[int] = []
         self._g_checked: list[int] = []  # the gradient pointers step_grads last found supported
-        self._g_tab = torch.zeros(1, dtype=torch.int64, device=device)
+        self._g_tab = torch.zeros(len(self.params), dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
 
     def _plan(self) -> tuple[dict[str, list[list[FloatFormat]]], dict[str, list[_Launch]]]:
@@ -794,23 +796,23 @@ class FusedPass:
         return groups, launches
 
     def _cuda_compiles(self) -> bool:
-        """Compile (once per process and launch shape) the CUDA C ``after`` kernel of each launch that runs, kept
-        for the steps in ``_cuda_kernels`` (a prefix of the launches: ULP goes with the first), and ``reduce_rows``
-        (from any build); False where NVRTC cannot."""
-        device = self.snapshot.device
+        """Compile (once per process and launch shape) the CUDA C kernels of each launch (one build serves a launch's
+        before and after kernels: the phases group the formats alike), kept for the steps in ``_cuda_kernels``;
+        False where NVRTC cannot."""
+        do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        self._cuda_kernels = [
-            _fused_cuda.kernel(device, launch.fmts, ulp, ulp and _HIST, do_flips, chunk=CHUNK)
-            for gi, launch in enumerate(self._launches["after"])
-            for ulp in [do_ulp and gi == 0]
-            if ulp or do_flips
-        ]
-        if not all(k is not None for k in self._cuda_kernels):
-            return False
-        # Without ULP and flips (no after kernel), a build without formats or families gives reduce_rows.
-        first = self._cuda_kernels[0] if self._cuda_kernels else _fused_cuda.kernel(device, (), *_NONE, chunk=CHUNK)
-        self._reduce_fn = None if first is None else first.reduce
-        return first is not None
+        self._cuda_kernels = []
+        for gi, launch in enumerate(self._launches["after"]):  # the snapshot and ULP go with the first launch
+            families = _fused_cuda.Families(
+                do_stiff, do_grid, gi == 0 and self._keep_snapshot, do_ulp and gi == 0, do_ulp and gi == 0 and _HIST,
+                do_flips,
+            )  # fmt: skip
+            compiled = _fused_cuda.kernel(self.snapshot.device, launch.fmts, families, chunk=CHUNK)
+            if compiled is None:
+                return False
+            self._cuda_kernels.append(compiled)
+        self._reduce_fn = self._cuda_kernels[0].reduce if self._cuda_kernels else None
+        return self._reduce_fn is not None
 
     @staticmethod
     def grads_supported(grads: Sequence[torch.Tensor | None]) -> bool:
@@ -860,8 +862,9 @@ class FusedPass:
         ptrs = [g.data_ptr() for g in grads] if g_ptrs is None else g_ptrs
         if ptrs != self._g_ptrs:  # gradients usually keep their storage from step to step: upload only changes
             g_tab = torch.tensor(ptrs, dtype=torch.int64)
-            # A pinned source makes the copy asynchronous: no host synchronisation on the training step.
-            self._g_tab = (g_tab.pin_memory() if device.type == "cuda" else g_tab).to(device, non_blocking=True)
+            # In place (the packed CUDA launches hold the table's pointer); a pinned source makes the copy
+            # asynchronous: no host synchronisation on the training step.
+            self._g_tab.copy_(g_tab.pin_memory() if device.type == "cuda" else g_tab, non_blocking=True)
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
@@ -874,6 +877,8 @@ class FusedPass:
             if self.backend == "c":
                 flags = (0, grad_scale is not None, write_snap, self.sampled, do_stiff, do_grid, 0, 0, 0)
                 self._run_c(flags, launch, part, self._hist, gscale)
+            elif self.backend == "cuda":
+                self._run_cuda("before", gi, part, gscale if grad_scale is not None else None)
             else:
                 _before_kernel[(self.n_chunks,)](
                     self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
@@ -903,7 +908,7 @@ class FusedPass:
             if self.backend == "c":
                 self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
             elif self.backend == "cuda":
-                self._run_cuda(gi, part, taken)
+                self._run_cuda("after", gi, part, taken)
             else:
                 _after_kernel[(self.n_chunks,)](
                     self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
@@ -959,18 +964,23 @@ class FusedPass:
             part = self._parts[key] = torch.empty(shape, dtype=torch.float64, device=self.snapshot.device)
         return part
 
-    def _run_cuda(self, gi: int, part: torch.Tensor, taken: torch.Tensor | None) -> None:
-        """The ``after`` phase of launch ``gi`` through its CUDA C kernel (compiled when the backend was chosen)."""
-        call = self._calls.get(("after", "after", gi))
+    def _run_cuda(self, phase: str, gi: int, part: torch.Tensor, last: torch.Tensor | None) -> None:
+        """Launch ``gi`` of ``phase`` through its CUDA C kernel (compiled when the backend was chosen); ``last``:
+        the before kernel's gradient scale, the after kernel's ``taken`` (``None``: none, true)."""
+        call = self._calls.get((phase, phase, gi))
         if call is None:
             compiled = self._cuda_kernels[gi]
-            assert compiled is not None and self._work is not None
-            blocks = min(compiled.grid, -(-self.n_chunks // (_fused_cuda.THREADS // 32)))  # a warp per chunk
-            tables = (self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot)
+            assert self._work is not None
             sizes = (ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]))
-            args = (*tables, part, self._hist, self._work, *sizes)
-            call = self._calls["after", "after", gi] = _fused_cuda.Call(compiled.after, blocks, args, part.device)
-        call(taken)
+            tables = (self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot, part)
+            if phase == "before":
+                fn, grid, args = compiled.before, compiled.before_grid, (self._w_tab, self._g_tab, *tables)
+            else:
+                fn, grid, args = compiled.after, compiled.after_grid, (self._w_tab, *tables, self._hist)
+            blocks = min(grid, -(-self.n_chunks // (_fused_cuda.THREADS // 32)))  # a warp per chunk
+            call = _fused_cuda.Call(fn, blocks, (*args, self._work, *sizes), part.device)
+            self._calls[phase, phase, gi] = call
+        call(last)
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
         """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of

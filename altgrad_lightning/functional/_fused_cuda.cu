@@ -108,6 +108,190 @@ __device__ __forceinline__ T warp_reduce(T v) {
     return v;
 }
 
+/* The next chunk for this warp: lane 0 draws a ticket from the counter work[0] and every lane gets it (>= n_chunks
+ * when none is left). Chunks differ in size (a parameter's last one) and do not divide evenly among the warps: with
+ * a fixed share a third of the SMs sat idle for the last part of the kernel (Nsight Compute: SM active 82 % of the
+ * elapsed cycles, benchmarks/NOTES.md, session 8). */
+__device__ __forceinline__ long long next_chunk(unsigned int *work, int lane) {
+    unsigned int ticket = 0;
+    if (lane == 0) ticket = atomicAdd(work, 1u);
+    return __shfl_sync(0xffffffffu, ticket, 0);
+}
+
+/* Called by every warp once it has drawn its last ticket: the last one out sets the counters back to 0 for the next
+ * launch (work[1] counts the warps out). */
+__device__ __forceinline__ void release(unsigned int *work, int lane) {
+    if (lane == 0 && atomicAdd(work + 1, 1u) == gridDim.x * (THREADS / 32) - 1) work[0] = work[1] = 0;
+}
+
+#ifndef DO_STIFF
+#define DO_STIFF 0
+#endif
+#ifndef DO_GRID
+#define DO_GRID 0
+#endif
+#ifndef DO_SNAP
+#define DO_SNAP 0
+#endif
+
+/* The `before` pass (Triton's _before_kernel, the C backend's before_chunk_n): stiffness and grid sums of the
+ * weights w and gradients g (divided by *gscale where it is given: AMP's unapplied scale), one partial row per
+ * chunk (the columns of _before_columns), and with DO_SNAP the snapshot of w for the `after` pass. A warp per
+ * chunk, as after_kernel; it reads 8 bytes per element and writes 4, at the copy bandwidth on an H100. */
+extern "C" __global__ void __launch_bounds__(THREADS)
+before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ g_tab,
+              const long long *__restrict__ snap_off, const int *__restrict__ chunk_t,
+              const long long *__restrict__ chunk_start, const long long *__restrict__ numel, float *__restrict__ snap,
+              double *__restrict__ part, unsigned int *__restrict__ work, long long n_chunks, int ncols,
+              const float *__restrict__ gscale) {
+    const int lane = threadIdx.x & 31;
+    const bool has_gscale = gscale != nullptr;
+    const float gs = has_gscale ? *gscale : 1.0f;
+    const float inf = __int_as_float(0x7F800000);
+    for (long long c = next_chunk(work, lane); c < n_chunks; c = next_chunk(work, lane)) {
+        const int t = chunk_t[c];
+        const long long start = chunk_start[c], n = numel[t];
+        const int len = (int)((start + CHUNK < n ? start + CHUNK : n) - start);
+        const float *Wc = (const float *)w_tab[t] + start, *Gc = (const float *)g_tab[t] + start;
+        float *Sc = snap + snap_off[t] + start;
+        unsigned int s_valid = 0, s_zero = 0, r_valid = 0;
+        double s_x = 0.0, s_xx = 0.0;
+        unsigned int below[NFA], on[NFA], over[NFA], under[NFA];
+        double ratio_s[NFA], y_s[NFA], yy_s[NFA], xy_s[NFA], err_s[NFA], err2_s[NFA];
+        float err_max[NFA];
+#pragma unroll
+        for (int f = 0; f < NFA; f++) {
+            below[f] = on[f] = over[f] = under[f] = 0;
+            ratio_s[f] = y_s[f] = yy_s[f] = xy_s[f] = err_s[f] = err2_s[f] = 0.0;
+            err_max[f] = 0.0f;
+        }
+        /* Four elements per lane and group, 16-byte loads and stores (weights, gradients and snapshot slices are
+         * 16-byte aligned; a parameter's last group may reach up to three elements past it, inside the same
+         * aligned 16 bytes, and its snapshot slice is padded to 64 elements). Two groups per step, both loaded
+         * first through the read-only cache: a bound on memory needs bytes in flight (one group per step, loaded as
+         * generic loads behind the snapshot's store, ran at 0.78 of copy bandwidth; benchmarks/NOTES.md, session 9). */
+        for (int i0 = 4 * lane; i0 < len; i0 += 2 * 4 * 32) {
+            float4 wvs[2], gvs[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int i = i0 + u * 4 * 32;
+                wvs[u] = gvs[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (i < len) {
+                    wvs[u] = __ldg((const float4 *)(Wc + i));
+                    if (DO_STIFF) gvs[u] = __ldg((const float4 *)(Gc + i));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int i = i0 + u * 4 * 32;
+                const float4 wv = wvs[u], gv = gvs[u];
+                if (DO_SNAP && i < len) *(float4 *)(Sc + i) = wv;
+                const float ww[4] = {wv.x, wv.y, wv.z, wv.w}, gg[4] = {gv.x, gv.y, gv.z, gv.w};
+                const int n_here = min(len - i, 4); /* elements j >= n_here are past the chunk's end (all where < 1) */
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float a_raw = fabsf(ww[j]);
+                    const bool w_fin = (j < n_here) & (a_raw < inf);
+                    const float a = w_fin ? a_raw : 0.0f; /* an excluded weight adds 0 below */
+                    r_valid += w_fin;
+                    double x = 0.0;
+                    bool valid = false;
+                    if (DO_STIFF) {
+                        const float xa = fabsf(has_gscale ? gg[j] / gs : gg[j]);
+                        const bool ok = w_fin & (xa < inf);
+                        valid = ok & (a != 0.0f);
+                        x = valid ? (double)xa : 0.0;
+                        s_valid += valid;
+                        s_zero += ok & !valid;
+                        s_x += x;
+                        s_xx = fma(x, x, s_xx); /* exact products: the same sums as unfused */
+                    }
+                    const int e_raw = (int)(__float_as_uint(a) >> 23) - 127;
+#pragma unroll
+                    for (int f = 0; f < NF; f++) {
+                        const Fmt &F = FMTS[f];
+                        if (DO_STIFF) {
+                            /* S = 2**(e - M), e the exponent of w clamped to [EMIN, ECLAMP]; |g| / S exactly */
+                            const int e = min(max(e_raw, F.emin), F.eclamp);
+                            const double y = valid ? __hiloint2double((e - F.m + 1023) << 20, 0) : 0.0;
+                            const double ratio = x * __hiloint2double((F.m - e + 1023) << 20, 0);
+                            below[f] += x < y;
+                            ratio_s[f] += ratio;
+                            y_s[f] += y;
+                            yy_s[f] = fma(y, y, yy_s[f]);
+                            xy_s[f] = fma(x, y, xy_s[f]);
+                        }
+                        if (DO_GRID) {
+                            int ix;
+                            const float q = round_index(a, F, &ix), err = fabsf(a - q); /* 0 for an excluded weight */
+                            on[f] += w_fin & (err == 0.0f);
+                            over[f] += w_fin & (a > F.fmax);
+                            under[f] += (q == 0.0f) & (a != 0.0f);
+                            const double e64 = (double)err;
+                            err_s[f] += e64;
+                            err2_s[f] = fma(e64, e64, err2_s[f]);
+                            err_max[f] = fmaxf(err_max[f], err);
+                        }
+                    }
+                }
+            }
+        }
+        /* The chunk's row (the columns of _before_columns). */
+        double *row = part + c * ncols;
+        int col = 0;
+        if (DO_STIFF) {
+            const unsigned int v = warp_reduce<unsigned int, false>(s_valid);
+            const unsigned int z = warp_reduce<unsigned int, false>(s_zero);
+            const double sx = warp_reduce<double, false>(s_x), sxx = warp_reduce<double, false>(s_xx);
+            if (lane == 0) {
+                row[0] = (double)v;
+                row[1] = (double)z;
+                row[2] = sx;
+                row[3] = sxx;
+            }
+            col = 4;
+        }
+        if (DO_GRID) {
+            const unsigned int v = warp_reduce<unsigned int, false>(r_valid);
+            if (lane == 0) row[col] = (double)v;
+            col++;
+        }
+#pragma unroll
+        for (int f = 0; f < NF; f++) {
+            if (DO_STIFF) {
+                const unsigned int b = warp_reduce<unsigned int, false>(below[f]);
+                const double r = warp_reduce<double, false>(ratio_s[f]), y = warp_reduce<double, false>(y_s[f]);
+                const double yy = warp_reduce<double, false>(yy_s[f]), xy = warp_reduce<double, false>(xy_s[f]);
+                if (lane == 0) {
+                    row[col] = (double)b;
+                    row[col + 1] = r;
+                    row[col + 2] = y;
+                    row[col + 3] = yy;
+                    row[col + 4] = xy;
+                }
+                col += 5;
+            }
+            if (DO_GRID) {
+                const unsigned int o = warp_reduce<unsigned int, false>(on[f]);
+                const unsigned int ov = warp_reduce<unsigned int, false>(over[f]);
+                const unsigned int u = warp_reduce<unsigned int, false>(under[f]);
+                const double e = warp_reduce<double, false>(err_s[f]), e2 = warp_reduce<double, false>(err2_s[f]);
+                const float mx = warp_reduce<float, true>(err_max[f]);
+                if (lane == 0) {
+                    row[col] = (double)o;
+                    row[col + 1] = (double)ov;
+                    row[col + 2] = (double)u;
+                    row[col + 3] = e;
+                    row[col + 4] = e2;
+                    row[col + 5] = (double)mx;
+                }
+                col += 6;
+            }
+        }
+    }
+    release(work, lane);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
 after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ snap_off,
              const int *__restrict__ chunk_t, const long long *__restrict__ chunk_start,
@@ -118,16 +302,10 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
     if (DO_HIST)
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS) h[i] = 0;
     __syncthreads();
-    /* One warp per chunk (its sums need no block barrier); the block's warps share the histogram. Each warp takes
-     * the next chunk from the counter work[0] until none is left: chunks differ in size (a parameter's last one)
-     * and do not divide evenly among the warps, and with a fixed share a third of the SMs sat idle for the last
-     * part of the kernel (Nsight Compute: SM active 82 % of the elapsed cycles, benchmarks/NOTES.md, session 8). */
+    /* One warp per chunk (its sums need no block barrier), drawn from the counter; the block's warps share the
+     * histogram. */
     const int lane = threadIdx.x & 31;
-    for (;;) {
-        unsigned int ticket = 0;
-        if (lane == 0) ticket = atomicAdd(work, 1u);
-        const long long c = __shfl_sync(0xffffffffu, ticket, 0);
-        if (c >= n_chunks) break;
+    for (long long c = next_chunk(work, lane); c < n_chunks; c = next_chunk(work, lane)) {
         const int t = chunk_t[c];
         const long long start = chunk_start[c], n = numel[t];
         const long long end = start + CHUNK < n ? start + CHUNK : n;
@@ -278,8 +456,7 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
             }
         }
     }
-    /* The last warp out sets the counters back to 0 for the next launch (every warp has drawn its last ticket). */
-    if (lane == 0 && atomicAdd(work + 1, 1u) == gridDim.x * (THREADS / 32) - 1) work[0] = work[1] = 0;
+    release(work, lane);
     /* The histogram of a step the optimizer skipped (*taken false: AMP found inf/NaN gradients) is not added. */
     if (DO_HIST && (taken == nullptr || *taken)) {
         __syncthreads();

@@ -35,14 +35,28 @@ _tried = False
 
 
 class Compiled(NamedTuple):
-    """One build of the source: its two kernels, and the ``after`` kernel's grid (resident blocks on all SMs)."""
+    """One build of the source: its kernels, and each one's grid (resident blocks of 256 threads on all SMs)."""
 
+    before: ctypes.c_void_p
     after: ctypes.c_void_p
     reduce: ctypes.c_void_p
-    grid: int
+    before_grid: int
+    after_grid: int
 
 
-_kernels: dict[tuple[int, int, tuple[FormatRow, ...], bool, bool, bool], Compiled | None] = {}
+class Families(NamedTuple):
+    """What a build computes: ``before`` (stiffness, grid alignment, writes the snapshot) and ``after`` (ULP with
+    or without its histogram, flips); the source's DO_* defines."""
+
+    stiff: bool = False
+    grid: bool = False
+    snap: bool = False
+    ulp: bool = False
+    hist: bool = False
+    flips: bool = False
+
+
+_kernels: dict[tuple[int, int, tuple[FormatRow, ...], Families], Compiled | None] = {}
 
 
 def _formats_define(fmts: Sequence[FormatRow]) -> str:
@@ -113,16 +127,14 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | 
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def kernel(
-    device: torch.device, fmts: Sequence[FormatRow], do_ulp: bool, do_hist: bool, do_flips: bool, *, chunk: int
-) -> Compiled | None:
+def kernel(device: torch.device, fmts: Sequence[FormatRow], families: Families, *, chunk: int) -> Compiled | None:
     """The source compiled for these formats (rows of ``_fused._format_constants``, at most :data:`MAX_FORMATS`)
     and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple of 128): its
-    ``after_kernel`` and ``reduce_rows`` (which needs no format: any build serves), or ``None`` where CUDA C cannot be
-    compiled or loaded here."""
+    ``before_kernel``, ``after_kernel`` and ``reduce_rows`` (which needs no format: any build serves), or ``None``
+    where CUDA C cannot be compiled or loaded here."""
     global _libs, _reason, _tried
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, chunk, tuple(fmts), do_ulp, do_hist, do_flips)
+    key = (index, chunk, tuple(fmts), families)
     with _lock:
         if key in _kernels:
             return _kernels[key]
@@ -139,52 +151,56 @@ def kernel(
                 if cuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
                     raise RuntimeError("no current CUDA context")
                 major, minor = torch.cuda.get_device_capability(index)
-                defines = [f"CHUNK={chunk}", f"NF={len(fmts)}", f"DO_ULP={int(do_ulp)}", f"DO_HIST={int(do_hist)}",
-                           f"DO_FLIPS={int(do_flips)}"]  # fmt: skip
+                defines = [f"CHUNK={chunk}", f"NF={len(fmts)}"]
+                defines += [f"DO_{name.upper()}={int(on)}" for name, on in families._asdict().items()]
                 defines += [f"FORMATS={_formats_define(fmts)}"] if fmts else []
                 # A lane sums at most chunk / 32 grid-step counts of at most 2 IMAX each.
                 defines += ["STEPS_T=unsigned"] if fmts and chunk // 32 * 2 * max(f[5] for f in fmts) < 2**32 else []
                 cubin = _compile(nvrtc, f"sm_{major}{minor}", defines)
-                module, fn, reduce = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+                module = ctypes.c_void_p()
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
                     raise RuntimeError("cuModuleLoadData failed")
-                for out, name in ((fn, b"after_kernel"), (reduce, b"reduce_rows")):
-                    if cuda.cuModuleGetFunction(ctypes.byref(out), module, name) != 0:
+                fns, grids = [], []
+                for name in (b"before_kernel", b"after_kernel", b"reduce_rows"):
+                    fn, per_sm, no_dynamic_smem = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_size_t(0)
+                    if cuda.cuModuleGetFunction(ctypes.byref(fn), module, name) != 0:
                         raise RuntimeError(f"cuModuleGetFunction({name.decode()}) failed")
-                per_sm, no_dynamic_smem = ctypes.c_int(), ctypes.c_size_t(0)
-                if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, THREADS, no_dynamic_smem):
-                    raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
-                sms = torch.cuda.get_device_properties(index).multi_processor_count
+                    if cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        ctypes.byref(per_sm), fn, THREADS, no_dynamic_smem
+                    ):
+                        raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor failed")
+                    fns.append(fn)
+                    grids.append(max(1, per_sm.value) * torch.cuda.get_device_properties(index).multi_processor_count)
         except (RuntimeError, OSError, AttributeError) as err:
             # This shape only: kernels compiled before keep running (passes that hold them keep their backend).
             _reason = f"the CUDA C after kernel is unavailable: {err}"
             _kernels[key] = None
             return None
-        _kernels[key] = Compiled(fn, reduce, max(1, per_sm.value) * sms)
+        _kernels[key] = Compiled(fns[0], fns[1], fns[2], grids[0], grids[1])
         return _kernels[key]
 
 
 class Call:
     """One kernel's launch on torch's current stream with its arguments packed once: ``args`` (tensors, passed as
     their data pointers, and ctypes scalars, in the kernel's order) must keep their storage for as long as the call
-    is used, and a last ``const bool *taken`` argument is set on each call. The host time of a launch is then the
-    driver's (~10 µs), where packing the arguments and entering the device's context cost ~50 µs per launch on the
-    GPU machines (benchmarks/NOTES.md, session 9)."""
+    is used; a last pointer argument (``taken`` of after_kernel and reduce_rows, ``gscale`` of before_kernel) is set
+    on each call. The host time of a launch is then the driver's (~10 µs), where packing the arguments and entering
+    the device's context cost ~50 µs per launch on the GPU machines (benchmarks/NOTES.md, session 9)."""
 
     def __init__(self, fn: ctypes.c_void_p, blocks: int, args: Sequence[Any], device: torch.device) -> None:
         assert _libs is not None and device.index is not None
         self._fn, self._blocks, self._index = fn, blocks, device.index
-        self._taken = ctypes.c_void_p(None)
+        self._last = ctypes.c_void_p(None)
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        values.append(self._taken)
+        values.append(self._last)
         self._values = values  # the ctypes objects the packed pointers point into
         pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         self._params = (ctypes.c_void_p * len(values))(*pointers)
 
-    def __call__(self, taken: torch.Tensor | None = None) -> None:
-        """Launch; ``taken`` (a 0-d bool tensor on the device, or ``None`` for true) as the kernel's last argument."""
+    def __call__(self, last: torch.Tensor | None = None) -> None:
+        """Launch, with ``last`` (a tensor on the device, or ``None`` for a null pointer) as the last argument."""
         assert _libs is not None
-        self._taken.value = None if taken is None else taken.data_ptr()
+        self._last.value = None if last is None else last.data_ptr()
         stream = ctypes.c_void_p(_raw_stream(self._index))
         if torch.cuda.current_device() == self._index:
             rc = _libs[1].cuLaunchKernel(self._fn, self._blocks, 1, 1, THREADS, 1, 1, 0, stream, self._params, None)
