@@ -22,7 +22,7 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
 - ``m1ref``: ``m1`` with ``fused=False`` (the reference path), where the callback has that argument (the fused path
   runs on CUDA with Triton and on the CPU with a C compiler; elsewhere ``m1ref`` equals ``m1``);
-- ``m1triton``: ``m1`` with Triton's ``after`` kernel instead of the CUDA C one (NVRTC), on CUDA where the package
+- ``m1triton``: ``m1`` with Triton's kernels instead of the CUDA C ones (NVRTC), on CUDA where the package
   has both (not in the default list);
 - ``amax``, ``mx``: ``m1`` with ``scaling="amax"`` (per-tensor current scaling) and ``scaling="mx"`` (MX blocks of
   32); both take the reference path (not in the default list; issue 7 compares ``mx`` against ``amax``);
@@ -343,9 +343,9 @@ class Variant:
     runs: list[RunResult] = field(default_factory=list)
 
 
-class _TritonAfter(QuantizationMonitor):
-    """``QuantizationMonitor`` whose fused pass takes Triton's ``after`` kernel (the CUDA C one reported as absent
-    while the pass is built): the A/B of the two kernels in one process."""
+class _TritonKernels(QuantizationMonitor):
+    """``QuantizationMonitor`` whose fused pass takes Triton's kernels (the CUDA C ones reported as absent
+    while the pass is built): the A/B of the two backends in one process."""
 
     def __init__(self, formats: list[str]) -> None:
         super().__init__(formats=formats)
@@ -391,7 +391,7 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
     except ImportError:  # pragma: no cover - older versions of the package
         _fused = None
     if _fused is not None and hasattr(_fused.FusedPass, "_cuda_compiles"):
-        out.append(Variant("m1triton", "QuantizationMonitor, 1 format, Triton after kernel", lambda: _TritonAfter(f1)))
+        out.append(Variant("m1triton", "QuantizationMonitor, 1 format, Triton kernels", lambda: _TritonKernels(f1)))
     for scaling in ("amax", "mx"):
         out.append(
             Variant(

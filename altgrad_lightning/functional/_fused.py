@@ -734,8 +734,9 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
-        # The CUDA C build of each after launch that runs (ULP and/or flips), and the kernel that adds a launch's
-        # partial rows to its running sums; their packed launches, made on first use ((kind, phase, launch) keys).
+        # The CUDA C build of each launch (its before and after kernels), the kernel that adds a launch's partial
+        # rows to its running sums, and their packed launches, made on first use (keys: the kernel's phase, or
+        # "reduce", then the phase and the launch).
         self._cuda_kernels: list[_fused_cuda.Compiled] = []
         self._reduce_fn: ctypes.c_void_p | None = None
         self._calls: dict[tuple[str, str, int], _fused_cuda.Call] = {}
@@ -803,9 +804,10 @@ class FusedPass:
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
         self._cuda_kernels = []
         for gi, launch in enumerate(self._launches["after"]):  # the snapshot and ULP go with the first launch
+            first = gi == 0
             families = _fused_cuda.Families(
-                do_stiff, do_grid, gi == 0 and self._keep_snapshot, do_ulp and gi == 0, do_ulp and gi == 0 and _HIST,
-                do_flips,
+                stiff=do_stiff, grid=do_grid, snap=first and self._keep_snapshot, ulp=first and do_ulp,
+                hist=first and do_ulp and _HIST, flips=do_flips,
             )  # fmt: skip
             compiled = _fused_cuda.kernel(self.snapshot.device, launch.fmts, families, chunk=CHUNK)
             if compiled is None:

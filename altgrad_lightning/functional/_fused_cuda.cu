@@ -1,7 +1,8 @@
-/* The `after` pass of the fused diagnostic pass in CUDA C (altgrad_lightning/functional/_fused.py), compiled at run
- * time with the NVRTC that ships with torch's CUDA wheels (_fused_cuda.py) and launched on torch's stream.
+/* The `before` and `after` passes of the fused diagnostic pass in CUDA C (altgrad_lightning/functional/_fused.py),
+ * compiled at run time with the NVRTC that ships with torch's CUDA wheels and launched on torch's stream through the
+ * driver (_fused_cuda.py): ~10 µs of host time per launch, where Triton's launcher took ~40 µs (session 9).
  *
- * Why not Triton: the fine ULP histogram (1024 buckets) costs 0.41 ms per step through Triton 3.6's tl.histogram
+ * Why not Triton for `after`: the fine ULP histogram (1024 buckets) costs 0.41 ms per step through Triton 3.6's tl.histogram
  * (a ballot per bit of the bucket and a popcount per bucket and element) and 0.013 ms through shared-memory atomics,
  * which Triton does not expose (benchmarks/histogram_gpu.py, benchmarks/NOTES.md, session 7).
  *
@@ -137,7 +138,7 @@ __device__ __forceinline__ void release(unsigned int *work, int lane) {
 /* The `before` pass (Triton's _before_kernel, the C backend's before_chunk_n): stiffness and grid sums of the
  * weights w and gradients g (divided by *gscale where it is given: AMP's unapplied scale), one partial row per
  * chunk (the columns of _before_columns), and with DO_SNAP the snapshot of w for the `after` pass. A warp per
- * chunk, as after_kernel; it reads 8 bytes per element and writes 4, at the copy bandwidth on an H100. */
+ * chunk, as after_kernel; it reads 8 bytes per element and writes 4, at 0.95 of the copy bandwidth on an H100. */
 extern "C" __global__ void __launch_bounds__(THREADS)
 before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ g_tab,
               const long long *__restrict__ snap_off, const int *__restrict__ chunk_t,

@@ -1,11 +1,12 @@
-"""The fused pass's ``after`` kernel in CUDA C (``_fused_cuda.cu``), compiled at run time with NVRTC.
+"""The fused pass's kernels in CUDA C (``_fused_cuda.cu``), compiled at run time with NVRTC.
 
 NVRTC ships with torch's CUDA wheels (``nvidia/*/lib/libnvrtc.so*``) and the driver (``libcuda.so.1``) with every
 CUDA machine, so no nvcc is needed: the source is compiled for the device's architecture on first use (per launch
 shape: formats per launch and families, as Triton compiles per constexpr), loaded into the context torch uses, and
 launched on torch's current stream with the driver API through ctypes. Anything missing or failing on the way makes
-:func:`kernel` return ``None`` (the reason in :func:`unavailable_reason`) and the pass keeps Triton's ``after``
-kernel; the arithmetic and the partial rows are the same either way (``tests/test_fused.py`` runs both).
+:func:`kernel` return ``None`` (the reason in :func:`unavailable_reason`) and the pass keeps Triton's kernels;
+the arithmetic and the partial rows are the same either way (``tests/test_fused.py`` runs both). Launches go
+through :class:`Call`, whose host time is a fraction of Triton's launcher's (benchmarks/NOTES.md, session 9).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def kernel(device: torch.device, fmts: Sequence[FormatRow], families: Families, 
                     grids.append(max(1, per_sm.value) * torch.cuda.get_device_properties(index).multi_processor_count)
         except (RuntimeError, OSError, AttributeError) as err:
             # This shape only: kernels compiled before keep running (passes that hold them keep their backend).
-            _reason = f"the CUDA C after kernel is unavailable: {err}"
+            _reason = f"the CUDA C kernels are unavailable: {err}"
             _kernels[key] = None
             return None
         _kernels[key] = Compiled(fns[0], fns[1], fns[2], grids[0], grids[1])
