@@ -620,10 +620,10 @@ def test_c_backend_reads_tensors_at_any_alignment():
     _assert_one_step_equals_reference(fused, param, grad, w, g, after, fmts, diagnostics, "unaligned")
 
 
-def test_step_grads_rechecks_gradients_that_keep_their_storage(backend):
-    """step_grads skips the full check of gradients at the pointers it checked last, but not their contiguity: a
-    transposed view of the same storage (same pointer) is refused, as is a missing gradient, and a float32 contiguous
-    gradient at a new place is checked and taken."""
+def test_step_grads_checks_every_gradient_on_every_step(backend):
+    """step_grads gives the gradients and their pointers where every one is float32 and contiguous (16-byte aligned
+    on CUDA), in one pass over them: a transposed view of the same storage (same pointer) is refused, as is a
+    missing gradient and, where torch lets a gradient's dtype differ from its parameter's, a float64 one."""
     b, device = backend
     params = [torch.nn.Parameter(torch.randn(8, 8, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
     fused = FusedPass(params, [get_format("float8_e4m3fn")], ("stiffness", "ulp"), backend=b)
@@ -637,6 +637,10 @@ def test_step_grads_rechecks_gradients_that_keep_their_storage(backend):
     assert params[0].grad.data_ptr() == ptrs[0] and fused.step_grads() is None
     params[0].grad = torch.full_like(params[0], 2.0)  # new storage
     grads, ptrs = fused.step_grads()
-    assert ptrs[0] == params[0].grad.data_ptr() and ptrs[1] == params[1].grad.data_ptr()
+    assert ptrs == [p.grad.data_ptr() for p in params]
+    if hasattr(params[1], "grad_dtype"):  # newer torch: a gradient's dtype may be set apart from its parameter's
+        params[1].grad_dtype = None
+        params[1].grad = torch.ones(5, dtype=torch.float64, device=device)
+        assert fused.step_grads() is None
     params[1].grad = None
     assert fused.step_grads() is None

@@ -761,7 +761,6 @@ class FusedPass:
         self._after_steps = 0  # steps taken for sure; AMP-masked ones in _after_taken (on the device)
         self._after_taken: torch.Tensor | None = None
         self._g_ptrs: list[int] = []
-        self._g_checked: list[int] = []  # the gradient pointers step_grads last found supported
         self._g_tab = torch.zeros(len(self.params), dtype=torch.int64, device=device)
         self._c_formats: dict[tuple[tuple[float, ...], ...], torch.Tensor] = {}  # the C backend's format tables
 
@@ -826,19 +825,19 @@ class FusedPass:
 
     def step_grads(self) -> tuple[list[torch.Tensor], list[int]] | None:
         """This step's gradients (the parameters' ``.grad``) and their data pointers where all of them fit the fast
-        path (:meth:`grads_supported`), else ``None``. Gradients usually keep their storage from step to step: where
-        the pointers are those checked last and every gradient is contiguous, dtype (a parameter's, by torch's rule
-        for ``.grad``) and alignment (the pointer's) are known and the full check is skipped (benchmarks/NOTES.md,
-        session 9: 0.13 ms per step for 147 parameters on a GPU machine's host, all told)."""
+        path (:meth:`grads_supported`: float32, contiguous, 16-byte aligned on CUDA; shape and device are torch's
+        rule for ``.grad``), else ``None``. One pass over the gradients, which are new tensors at new places on
+        most steps (Lightning sets them to None after each step): right after the backward pass each Python touch of
+        a tensor costs the host a cache miss (benchmarks/NOTES.md, session 9)."""
         grads = cast(list[torch.Tensor], [p.grad for p in self.params])  # None caught below
+        f32 = torch.float32
         try:
-            ptrs = [g.data_ptr() if g.is_contiguous() else -1 for g in grads]
+            ptrs = [g.data_ptr() if g.dtype is f32 and g.is_contiguous() else -1 for g in grads]
         except AttributeError:  # a parameter without gradient at this step
             return None
-        if ptrs != self._g_checked:
-            if not self.grads_supported(grads):
-                return None
-            self._g_checked = ptrs
+        align = 15 if self.snapshot.is_cuda else 0
+        if min(ptrs, default=0) < 0 or any(ptr & align for ptr in ptrs):
+            return None
         return grads, ptrs
 
     def sample_of(self, i: int) -> torch.Tensor:
@@ -862,11 +861,11 @@ class FusedPass:
         gradients' data pointers where the caller has them (:meth:`step_grads`)."""
         device = self.snapshot.device
         ptrs = [g.data_ptr() for g in grads] if g_ptrs is None else g_ptrs
-        if ptrs != self._g_ptrs:  # gradients usually keep their storage from step to step: upload only changes
-            g_tab = torch.tensor(ptrs, dtype=torch.int64)
+        if ptrs != self._g_ptrs:  # upload only changes (a loop over the same gradients keeps their storage)
             # In place (the packed CUDA launches hold the table's pointer); a pinned source makes the copy
             # asynchronous: no host synchronisation on the training step.
-            self._g_tab.copy_(g_tab.pin_memory() if device.type == "cuda" else g_tab, non_blocking=True)
+            g_tab = torch.tensor(ptrs, dtype=torch.int64, pin_memory=device.type == "cuda")
+            self._g_tab.copy_(g_tab, non_blocking=True)
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
