@@ -622,8 +622,9 @@ def test_c_backend_reads_tensors_at_any_alignment():
 
 def test_step_grads_checks_every_gradient_on_every_step(backend):
     """step_grads gives the gradients and their pointers where every one is float32 and contiguous (16-byte aligned
-    on CUDA), in one pass over them: a transposed view of the same storage (same pointer) is refused, as is a
-    missing gradient and, where torch lets a gradient's dtype differ from its parameter's, a float64 one."""
+    on CUDA), in one pass over them: a transposed view of the same storage (same pointer) is refused, as are a
+    misaligned view on CUDA, a missing gradient and, where torch lets a gradient's dtype differ from its
+    parameter's, a float64 one."""
     b, device = backend
     params = [torch.nn.Parameter(torch.randn(8, 8, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
     fused = FusedPass(params, [get_format("float8_e4m3fn")], ("stiffness", "ulp"), backend=b)
@@ -635,6 +636,8 @@ def test_step_grads_checks_every_gradient_on_every_step(backend):
     assert ptrs == [p.grad.data_ptr() for p in params]
     params[0].grad = params[0].grad.t()  # same storage and pointer, not contiguous
     assert params[0].grad.data_ptr() == ptrs[0] and fused.step_grads() is None
+    params[0].grad = torch.zeros(65, device=device)[1:].view(8, 8)  # contiguous, 4 bytes past 16-byte alignment
+    assert (fused.step_grads() is None) == (torch.device(device).type == "cuda")  # the C backend reads any alignment
     params[0].grad = torch.full_like(params[0], 2.0)  # new storage
     grads, ptrs = fused.step_grads()
     assert ptrs == [p.grad.data_ptr() for p in params]
