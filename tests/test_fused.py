@@ -216,7 +216,9 @@ def test_fused_pass_equals_reference_sums(diagnostics, backend):
 def test_fused_pass_accumulates_steps_until_drained(backend):
     """Three steps, the second one not taken (``taken`` False, as a GradScaler's skipped step): the drained sums are
     the merged reference sums of the two taken steps for ULP and flips, of all three for stiffness and grid (read
-    before the optimizer decides), maxima included; a second drain starts from zero."""
+    before the optimizer decides), maxima included; a second drain starts from zero. ``taken`` comes as a float on
+    the device (1.0, whose first byte is 0), a bool on the device and a bool on the CPU: each is read as its truth
+    value."""
     fmts = [get_format("float8_e4m3fn")]
     diagnostics = ("stiffness", "grid", "ulp", "flips")
     steps = [_adversarial(3000, seed) for seed in (20, 21, 22)]
@@ -229,7 +231,8 @@ def test_fused_pass_accumulates_steps_until_drained(backend):
         fused.before([g.to(dev)], None)
         param.copy_(a.to(dev))
         taken = i != 1
-        fused.after(torch.tensor(taken, device=dev))
+        flag = [torch.tensor(float(taken), device=dev), torch.tensor(taken, device=dev), torch.tensor(taken)][i]
+        fused.after(flag)
         one = _reference([w], [g], [a], fmts, diagnostics)
         for family, by_fmt in one.items():
             if family in ("ulp", "flips") and not taken:

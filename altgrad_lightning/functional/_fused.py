@@ -895,8 +895,11 @@ class FusedPass:
 
     def after(self, taken: torch.Tensor | None = None) -> None:
         """ULP and flip sums of this step (weights now against the snapshot), added to the running sums; ``taken``
-        (a 0-d bool device tensor) masks a step the optimizer did not take (AMP), without a host synchronisation."""
+        (a 0-d tensor, true for a step the optimizer took: a bool on the pass's device costs no host synchronisation)
+        masks a step the optimizer did not take (AMP)."""
         device = self.snapshot.device
+        if taken is not None:  # the CUDA C kernels read it as a bool on the device, by pointer
+            taken = taken.to(device=device, dtype=torch.bool)
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
         for gi, (group, launch) in enumerate(zip(self._groups["after"], self._launches["after"], strict=True)):
             ulp_here = do_ulp and gi == 0
