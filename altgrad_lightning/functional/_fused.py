@@ -815,18 +815,10 @@ class FusedPass:
         self._reduce_fn = self._cuda_kernels[0].reduce if self._cuda_kernels else None
         return self._reduce_fn is not None
 
-    @staticmethod
-    def grads_supported(grads: Sequence[torch.Tensor | None]) -> bool:
-        """Whether this step's gradients (the parameters' ``.grad``) fit the fast path: float32, contiguous, and
-        16-byte aligned on CUDA. A ``.grad`` has its parameter's shape and device (torch checks that whenever it is
-        set), so those are not compared again: this runs on every step, and the comparisons cost ~0.2 ms for 150
-        parameters (``benchmarks/NOTES.md``, session 7)."""
-        return all(g is not None and _fits(g) for g in grads)
-
     def step_grads(self) -> tuple[list[torch.Tensor], list[int]] | None:
         """This step's gradients (the parameters' ``.grad``) and their data pointers where all of them fit the fast
-        path (:meth:`grads_supported`: float32, contiguous, 16-byte aligned on CUDA; shape and device are torch's
-        rule for ``.grad``), else ``None``. One pass over the gradients, which are new tensors at new places on
+        path (float32, contiguous, 16-byte aligned on CUDA, as ``_fits`` asks of the weights; shape and device are
+        torch's rule for ``.grad``), else ``None``. One pass over the gradients, which are new tensors at new places on
         most steps (Lightning sets them to None after each step): right after the backward pass each Python touch of
         a tensor costs the host a cache miss (benchmarks/NOTES.md, session 9)."""
         grads = cast(list[torch.Tensor], [p.grad for p in self.params])  # None caught below
