@@ -110,10 +110,11 @@ class QuantizationMonitor(Callback):
             format, not the ``per_parameter`` keys.
         fused: compute every diagnostic of every format in two fused passes over all parameters of an optimizer
             (about 20 bytes of memory traffic per float32 parameter and step) instead of dozens of tensor
-            operations per parameter: Triton kernels on CUDA (the second pass in CUDA C, compiled at run time by the
-            NVRTC that ships with torch, where it builds), and on the CPU a small C library built once with the
-            system C compiler (``$CC`` or ``cc``; a few seconds, then cached under ``~/.cache/altgrad_lightning``;
-            without a compiler the monitor warns once per fit and takes the reference path). Same numbers (tested
+            operations per parameter: on CUDA, CUDA C kernels compiled at run time by the NVRTC that ships with
+            torch (Triton kernels where that does not build, and with ``sample_fraction``), and on the CPU a small C
+            library built once with the system C compiler (``$CC`` or ``cc``; a few seconds, then cached under
+            ``~/.cache/altgrad_lightning``; without a compiler the monitor warns once per fit and takes the
+            reference path). Same numbers (tested
             equal); applies to contiguous float32 weights and gradients without ``per_parameter`` or ``scaling``,
             and to every preset format but ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path,
             per optimizer and step.
