@@ -735,11 +735,11 @@ class FusedPass:
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
         # The CUDA C build of each launch (its before and after kernels), the kernel that adds a launch's partial
-        # rows to its running sums, and their packed launches, made on first use (keys: the kernel's phase, or
-        # "reduce", then the phase and the launch).
+        # rows to its running sums, and their packed launches per (phase, launch), made on first use.
         self._cuda_kernels: list[_fused_cuda.Compiled] = []
         self._reduce_fn: ctypes.c_void_p | None = None
-        self._calls: dict[tuple[str, str, int], _fused_cuda.Call] = {}
+        self._kernel_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
+        self._reduce_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
         if self.backend == "cuda" and not self._cuda_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
@@ -963,7 +963,7 @@ class FusedPass:
     def _run_cuda(self, phase: str, gi: int, part: torch.Tensor, last: torch.Tensor | None) -> None:
         """Launch ``gi`` of ``phase`` through its CUDA C kernel (compiled when the backend was chosen); ``last``:
         the before kernel's gradient scale, the after kernel's ``taken`` (``None``: none, true)."""
-        call = self._calls.get((phase, phase, gi))
+        call = self._kernel_calls.get((phase, gi))
         if call is None:
             compiled = self._cuda_kernels[gi]
             assert self._work is not None
@@ -975,7 +975,7 @@ class FusedPass:
                 fn, grid, args = compiled.after, compiled.after_grid, (self._w_tab, *tables, self._hist)
             blocks = min(grid, -(-self.n_chunks // (_fused_cuda.THREADS // 32)))  # a warp per chunk
             call = _fused_cuda.Call(fn, blocks, (*args, self._work, *sizes), part.device)
-            self._calls[phase, phase, gi] = call
+            self._kernel_calls[phase, gi] = call
         call(last)
 
     def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
@@ -983,14 +983,14 @@ class FusedPass:
         the max columns: one CUDA C launch on the CUDA backend, a handful of small operations per kernel on the
         others, whatever the number of columns."""
         if self.backend == "cuda":
-            call = self._calls.get(("reduce", key[0], key[1]))
+            call = self._reduce_calls.get(key)
             if call is None:
                 assert self._reduce_fn is not None and part.shape[1] <= 64  # max_mask's bits
                 acc = self._acc_dev[key] = torch.zeros(part.shape[1], dtype=torch.float64, device=part.device)
                 max_mask = ctypes.c_ulonglong(sum(1 << j for j in launch.max_cols))
                 args = (part, ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]), max_mask, acc)
                 call = _fused_cuda.Call(self._reduce_fn, part.shape[1], args, part.device)
-                self._calls["reduce", key[0], key[1]] = call
+                self._reduce_calls[key] = call
             call(taken)
             self._acc[key] = (self._acc_dev[key], None)  # maxima in their columns
             return
