@@ -250,6 +250,45 @@ def test_fused_pass_accumulates_steps_until_drained(backend):
     assert all(not by_fmt for by_fmt in again.values())
 
 
+def test_many_parameters_with_gradients_at_new_places_every_step(backend):
+    """More parameters than one launch's arguments carry gradient pointers for on CUDA (``TABLE_LEN``), each step's
+    gradients new tensors (as after Lightning's ``zero_grad``), two steps accumulated before one drain: the sums
+    are the merged reference sums of both steps, and each parameter's stall counts its own. (41 parameters under
+    Triton's interpreter, which runs a program per chunk in Python.)"""
+    kind, dev = backend
+    fmts = [get_format("float8_e4m3fn"), get_format("float8_e5m2")]
+    diagnostics = ("stiffness", "grid", "ulp", "flips")
+    n_params = 41 if (kind, dev) == ("triton", "cpu") else _fused_cuda.TABLE_LEN + 37
+    sizes = [1 + (7 * i) % 40 for i in range(n_params)]
+    params = [torch.zeros(n, device=dev) for n in sizes]
+    fused = FusedPass(params, fmts, diagnostics, per_parameter_stalls=True, backend=kind)
+    ref: dict = {}
+    per_param = {f.name: torch.zeros(len(sizes), 2, dtype=torch.float64) for f in fmts}
+    for step in range(2):
+        data = [_adversarial(n, 1000 * step + i) for i, n in enumerate(sizes)]
+        for p, (w, _, _) in zip(params, data, strict=True):
+            p.copy_(w.to(dev))
+        fused.before([g.to(dev) for _, g, _ in data], None)
+        for p, (_, _, a) in zip(params, data, strict=True):
+            p.copy_(a.to(dev))
+        fused.after()
+        ws, gs, afters = ([d[k] for d in data] for k in range(3))
+        for family, by_fmt in _reference(ws, gs, afters, fmts, diagnostics).items():
+            for key, sums in by_fmt.items():
+                mine = ref.setdefault(family, {})
+                mine[key] = merge(mine[key], sums) if key in mine else sums
+        for fmt in fmts:
+            for i, (w, a) in enumerate(zip(ws, afters, strict=True)):
+                s = _flip_update(w, a, fmt)
+                per_param[fmt.name][i] += torch.stack([s["n_updated"], s["n_stall"]]).to(torch.float64)
+    got, stalls = fused.drain()
+    for family in diagnostics:
+        for key in ref[family]:
+            _assert_sums_equal(got[family][key], ref[family][key], f"2 steps {family}/{key}")
+    for fmt in fmts:
+        assert torch.equal(stalls[fmt.name].cpu(), per_param[fmt.name]), fmt.name
+
+
 def test_fused_pass_with_a_sample_equals_reference_sums_of_the_sampled_elements(backend):
     """With ``samples`` the kernels gather the sampled elements (and snapshot only them): the sums equal the
     reference sums of those elements, gathered by torch indexing; an empty sample contributes nothing."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -734,12 +734,13 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
-        # The CUDA C build of each launch (its before and after kernels), the kernel that adds a launch's partial
-        # rows to its running sums, and their packed launches per (phase, launch), made on first use.
+        # The CUDA C build of each launch (its before and after kernels), and the packed launches of the kernels per
+        # (phase, launch), of reduce_rows per (phase, launch) and of set_table per slice of the gradient table, made
+        # on first use.
         self._cuda_kernels: list[_fused_cuda.Compiled] = []
-        self._reduce_fn: ctypes.c_void_p | None = None
         self._kernel_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
         self._reduce_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
+        self._table_calls: list[tuple[_fused_cuda.Call, ctypes.Array[ctypes.c_longlong], int]] = []
         if self.backend == "cuda" and not self._cuda_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
@@ -748,11 +749,13 @@ class FusedPass:
             self._groups, self._launches = self._plan()
         # Running sums since the last drain(): (phase, group) -> (float64 column sums, maxima or None).
         self._acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        # The CUDA backend's running sums (reduce_rows adds to them; drain() sets them back to 0), and every
-        # backend's partial rows per launch, reused from step to step (each step's kernels write them, and what reads
-        # them comes before the next step's kernels: stream order on CUDA, the call's return on the CPU).
-        self._acc_dev: dict[tuple[str, int], torch.Tensor] = {}
+        # Every launch's rows, one per chunk, reused from step to step. The C and Triton kernels write each step's
+        # rows, which _add adds to _acc before the next step's kernels (the call's return on the CPU, stream order on
+        # CUDA); the CUDA C kernels add each step to them (running rows, zero at first), reduced by drain() into
+        # _acc_dev (what reduce_rows writes) for the launches in _ran.
         self._parts: dict[tuple[str, int], torch.Tensor] = {}
+        self._acc_dev: dict[tuple[str, int], torch.Tensor] = {}
+        self._ran: set[tuple[str, int]] = set()
         self._stalls: dict[str, torch.Tensor] = {}  # format -> (len(params), 2) [n_updated, n_stall]
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.int64, device=device)  # the kernel adds to it
         # The CUDA C kernel's chunk counter and warps-done counter (it sets them back to 0 when it ends).
@@ -812,8 +815,7 @@ class FusedPass:
             if compiled is None:
                 return False
             self._cuda_kernels.append(compiled)
-        self._reduce_fn = self._cuda_kernels[0].reduce if self._cuda_kernels else None
-        return self._reduce_fn is not None
+        return bool(self._cuda_kernels)
 
     def step_grads(self) -> tuple[list[torch.Tensor], list[int]] | None:
         """This step's gradients (the parameters' ``.grad``) and their data pointers where all of them fit the fast
@@ -854,10 +856,13 @@ class FusedPass:
         device = self.snapshot.device
         ptrs = [g.data_ptr() for g in grads] if g_ptrs is None else g_ptrs
         if ptrs != self._g_ptrs:  # upload only changes (a loop over the same gradients keeps their storage)
-            # In place (the packed CUDA launches hold the table's pointer); a pinned source makes the copy
-            # asynchronous: no host synchronisation on the training step.
-            g_tab = torch.tensor(ptrs, dtype=torch.int64, pin_memory=device.type == "cuda")
-            self._g_tab.copy_(g_tab, non_blocking=True)
+            if self.backend == "cuda":  # in the arguments of set_table launches: no host buffer to keep alive
+                self._set_g_table(ptrs)
+            else:
+                # In place (the Triton launches read the table); a pinned source makes the copy asynchronous: no host
+                # synchronisation on the training step.
+                g_tab = torch.tensor(ptrs, dtype=torch.int64, pin_memory=device.type == "cuda")
+                self._g_tab.copy_(g_tab, non_blocking=True)
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
@@ -872,6 +877,7 @@ class FusedPass:
                 self._run_c(flags, launch, part, self._hist, gscale)
             elif self.backend == "cuda":
                 self._run_cuda("before", gi, part, gscale if grad_scale is not None else None)
+                continue  # the kernel adds to its running rows
             else:
                 _before_kernel[(self.n_chunks,)](
                     self._w_tab, self._g_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel,
@@ -905,6 +911,7 @@ class FusedPass:
                 self._run_c((1, 0, 0, self.sampled, 0, 0, ulp_here, do_flips, _HIST), launch, part, hist, None)
             elif self.backend == "cuda":
                 self._run_cuda("after", gi, part, taken)
+                continue  # the kernel adds to its running rows, and nothing where taken is false
             else:
                 _after_kernel[(self.n_chunks,)](
                     self._w_tab, self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot,
@@ -917,14 +924,7 @@ class FusedPass:
             if ulp_here and taken is not None and hist is not self._hist:
                 self._hist += torch.where(taken, hist, 0)
             self._add(("after", gi), launch, part, taken)
-            if do_flips and self.per_parameter_stalls:
-                for fmt, (updated, stalled) in zip(group, launch.stall_cols, strict=True):
-                    # Single-column views (a list index would upload an index tensor: a host synchronisation).
-                    rows = torch.stack((part[:, updated], part[:, stalled]), 1)
-                    rows = rows if taken is None else torch.where(taken, rows, 0.0)
-                    if fmt.name not in self._stalls:
-                        self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=device)
-                    self._stalls[fmt.name].index_add_(0, self._chunk_t, rows)
+            self._add_stalls(gi, part, taken)
         if taken is None:
             self._after_steps += 1
         else:
@@ -953,11 +953,13 @@ class FusedPass:
             raise RuntimeError(f"altgrad_fused_pass refused its arguments (rc {rc})")
 
     def _part(self, key: tuple[str, int], ncols: int) -> torch.Tensor:
-        """The partial rows of launch ``key`` (one per chunk), allocated on first use."""
+        """The rows of launch ``key`` (one per chunk), allocated on first use (zero: the CUDA C kernels add to them),
+        and marked as run since the last drain."""
         part = self._parts.get(key)
         if part is None:
             shape = (self.n_chunks, max(ncols, 1))
-            part = self._parts[key] = torch.empty(shape, dtype=torch.float64, device=self.snapshot.device)
+            part = self._parts[key] = torch.zeros(shape, dtype=torch.float64, device=self.snapshot.device)
+        self._ran.add(key)
         return part
 
     def _run_cuda(self, phase: str, gi: int, part: torch.Tensor, last: torch.Tensor | None) -> None:
@@ -978,22 +980,61 @@ class FusedPass:
             self._kernel_calls[phase, gi] = call
         call(last)
 
-    def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
-        """Add the programs' partial rows to the running column sums, and their maxima to the running maxima of
-        the max columns: one CUDA C launch on the CUDA backend, a handful of small operations per kernel on the
-        others, whatever the number of columns."""
-        if self.backend == "cuda":
-            call = self._reduce_calls.get(key)
-            if call is None:
-                assert self._reduce_fn is not None and part.shape[1] <= 64  # max_mask's bits
-                acc = self._acc_dev[key] = torch.zeros(part.shape[1], dtype=torch.float64, device=part.device)
-                max_mask = ctypes.c_ulonglong(sum(1 << j for j in launch.max_cols))
-                args = (part, ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]), max_mask, acc)
-                call = _fused_cuda.Call(self._reduce_fn, part.shape[1], args, part.device)
-                self._reduce_calls[key] = call
-            call(taken)
-            self._acc[key] = (self._acc_dev[key], None)  # maxima in their columns
+    def _add_stalls(self, gi: int, part: torch.Tensor, taken: torch.Tensor | None) -> None:
+        """With ``per_parameter_stalls``, add the ``n_updated`` and ``n_stall`` columns of ``after`` launch ``gi``'s
+        rows ``part`` to each parameter's counts (rows where ``taken`` is false add 0)."""
+        if not (self.per_parameter_stalls and "flips" in self.diagnostics):
             return
+        launch = self._launches["after"][gi]
+        for fmt, (updated, stalled) in zip(self._groups["after"][gi], launch.stall_cols, strict=True):
+            # Single-column views (a list index would upload an index tensor: a host synchronisation).
+            rows = torch.stack((part[:, updated], part[:, stalled]), 1)
+            rows = rows if taken is None else torch.where(taken, rows, 0.0)
+            if fmt.name not in self._stalls:
+                self._stalls[fmt.name] = torch.zeros((len(self.params), 2), dtype=torch.float64, device=part.device)
+            self._stalls[fmt.name].index_add_(0, self._chunk_t, rows)
+
+    def _reduce_running(self) -> None:
+        """The CUDA C kernels' running rows of the launches run since the last drain: reduced into ``_acc`` (one
+        reduce_rows launch each) and the per-parameter stall counts, then set back to 0 (in stream order, after
+        those reads)."""
+        for phase, gi in sorted(self._ran):
+            launch, part = self._launches[phase][gi], self._parts[phase, gi]
+            if launch.cols:
+                call = self._reduce_calls.get((phase, gi))
+                if call is None:
+                    assert part.shape[1] <= 64  # max_mask's bits
+                    acc = self._acc_dev[phase, gi] = torch.empty(part.shape[1], dtype=torch.float64, device=part.device)
+                    max_mask = ctypes.c_ulonglong(sum(1 << j for j in launch.max_cols))
+                    args = (part, ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]), max_mask, acc)
+                    fn = self._cuda_kernels[0].reduce
+                    call = _fused_cuda.Call(fn, part.shape[1], args, part.device, last=False)
+                    self._reduce_calls[phase, gi] = call
+                call()
+                self._acc[phase, gi] = (self._acc_dev[phase, gi], None)  # maxima in their columns
+            if phase == "after":
+                self._add_stalls(gi, part, None)
+            part.zero_()
+        self._ran.clear()
+
+    def _set_g_table(self, ptrs: list[int]) -> None:
+        """Write the gradient pointers into the device table ``_g_tab`` on the current stream: set_table launches
+        carrying :data:`_fused_cuda.TABLE_LEN` of them each in their arguments."""
+        if not self._table_calls:
+            fn, n, size = self._cuda_kernels[0].set_table, len(self.params), _fused_cuda.TABLE_LEN
+            for j in range(0, n, size):
+                buf = (ctypes.c_longlong * size)()
+                args = (ctypes.c_void_p(self._g_tab.data_ptr() + 8 * j), ctypes.c_int(min(size, n - j)), buf)
+                self._table_calls.append((_fused_cuda.Call(fn, 1, args, self._g_tab.device, last=False), buf, j))
+        for call, buf, j in self._table_calls:
+            piece: list[Any] = ptrs[j : j + len(buf)]
+            buf[: len(piece)] = piece
+            call()
+
+    def _add(self, key: tuple[str, int], launch: _Launch, part: torch.Tensor, taken: torch.Tensor | None) -> None:
+        """Add a step's rows (the C and Triton backends) to the running column sums, and their maxima to the
+        running maxima of the max columns: a handful of small operations per kernel, whatever the number of
+        columns."""
         total = part.sum(0)
         # Column views, not a list index: that would upload an index tensor, a host synchronisation per step.
         top = torch.stack([part[:, j] for j in launch.max_cols], 1).amax(0) if launch.max_cols else None
@@ -1020,9 +1061,11 @@ class FusedPass:
         }
         if self._after_taken is not None:
             n_total["after"] = n_total["after"] + self.n_total * self._after_taken
+        if self.backend == "cuda":
+            self._reduce_running()
         for (phase, gi), (acc, top) in self._acc.items():
             cols = self._launches[phase][gi].cols
-            acc = acc.clone()  # the CUDA backend's running sums are set back to 0 below
+            acc = acc.clone()  # the CUDA backend's reduce_rows writes _acc_dev again at the next drain
             if top is not None:
                 for k, j in enumerate(self._launches[phase][gi].max_cols):
                     acc[j] = top[k]
@@ -1047,8 +1090,6 @@ class FusedPass:
             ulp["hist"][0] = ulp["n_zero"]  # bucket 0 is no count: the kernels count moved elements only
         stalls = self._stalls
         self._acc, self._stalls = {}, {}
-        for acc in self._acc_dev.values():  # after the reads above, in stream order
-            acc.zero_()
         self._hist.zero_()  # in place: the packed CUDA launches hold its pointer
         self._before_steps = self._after_steps = 0
         self._after_taken = None

@@ -6,8 +6,10 @@
  * (a ballot per bit of the bucket and a popcount per bucket and element) and 0.013 ms through shared-memory atomics,
  * which Triton does not expose (benchmarks/histogram_gpu.py, benchmarks/NOTES.md, session 7).
  *
- * The same chunk table, the same partial rows (the columns of _after_columns, float64) and the same histogram
- * (int64, bucket 0 not counted) as the Triton `_after_kernel`, so the host side is shared. Every grid value, index,
+ * The same chunk table, the same rows (the columns of _before_columns and _after_columns, float64) and the same
+ * histogram (int64, bucket 0 not counted) as the Triton kernels, except that each step adds to the rows here (the
+ * Triton kernels write them anew, and the host adds them up after each step): a drain reduces them once
+ * (reduce_rows), so a step launches no reduction. Every grid value, index,
  * distance and sum term is the C backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound
  * by its integer and logic (ALU) pipe and by instruction issue (Nsight Compute: ALU 85 % busy; benchmarks/NOTES.md,
  * sessions 8 and 9), so the formulation counts instructions, ALU ones first: saturation as one minimum before
@@ -245,16 +247,16 @@ before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__
             const unsigned int z = warp_reduce<unsigned int, false>(s_zero);
             const double sx = warp_reduce<double, false>(s_x), sxx = warp_reduce<double, false>(s_xx);
             if (lane == 0) {
-                row[0] = (double)v;
-                row[1] = (double)z;
-                row[2] = sx;
-                row[3] = sxx;
+                row[0] += (double)v;
+                row[1] += (double)z;
+                row[2] += sx;
+                row[3] += sxx;
             }
             col = 4;
         }
         if (DO_GRID) {
             const unsigned int v = warp_reduce<unsigned int, false>(r_valid);
-            if (lane == 0) row[col] = (double)v;
+            if (lane == 0) row[col] += (double)v;
             col++;
         }
 #pragma unroll
@@ -264,11 +266,11 @@ before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__
                 const double r = warp_reduce<double, false>(ratio_s[f]), y = warp_reduce<double, false>(y_s[f]);
                 const double yy = warp_reduce<double, false>(yy_s[f]), xy = warp_reduce<double, false>(xy_s[f]);
                 if (lane == 0) {
-                    row[col] = (double)b;
-                    row[col + 1] = r;
-                    row[col + 2] = y;
-                    row[col + 3] = yy;
-                    row[col + 4] = xy;
+                    row[col] += (double)b;
+                    row[col + 1] += r;
+                    row[col + 2] += y;
+                    row[col + 3] += yy;
+                    row[col + 4] += xy;
                 }
                 col += 5;
             }
@@ -279,12 +281,12 @@ before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__
                 const double e = warp_reduce<double, false>(err_s[f]), e2 = warp_reduce<double, false>(err2_s[f]);
                 const float mx = warp_reduce<float, true>(err_max[f]);
                 if (lane == 0) {
-                    row[col] = (double)o;
-                    row[col + 1] = (double)ov;
-                    row[col + 2] = (double)u;
-                    row[col + 3] = e;
-                    row[col + 4] = e2;
-                    row[col + 5] = (double)mx;
+                    row[col] += (double)o;
+                    row[col + 1] += (double)ov;
+                    row[col + 2] += (double)u;
+                    row[col + 3] += e;
+                    row[col + 4] += e2;
+                    row[col + 5] = fmax(row[col + 5], (double)mx);
                 }
                 col += 6;
             }
@@ -299,6 +301,9 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
              const long long *__restrict__ numel, const float *__restrict__ snap, double *__restrict__ part,
              unsigned long long *__restrict__ hist, unsigned int *__restrict__ work, long long n_chunks, int ncols,
              const bool *__restrict__ taken) {
+    /* A step the optimizer skipped (*taken false: AMP found inf/NaN gradients) adds nothing: every block returns
+     * before drawing a chunk, so the counters stay at 0 for the next launch. */
+    if (taken != nullptr && !*taken) return;
     __shared__ unsigned int h[HIST_BINS];
     if (DO_HIST)
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS) h[i] = 0;
@@ -418,23 +423,23 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
         double *row = part + c * ncols;
         const unsigned int v = warp_reduce<unsigned int, false>(n_valid);
         const unsigned int u = warp_reduce<unsigned int, false>(n_moved);
-        if (lane == 0) row[0] = (double)v;
+        if (lane == 0) row[0] += (double)v;
         int col = 1;
         if (DO_ULP) {
             const unsigned long long s = warp_reduce<unsigned long long, false>(u_sum);
             const unsigned int mx = warp_reduce<unsigned int, true>(u_max);
             if (lane == 0) {
-                row[1] = (double)(v - u); /* n_zero */
-                row[2] = (double)s;
-                row[3] = (double)mx;
+                row[1] += (double)(v - u); /* n_zero */
+                row[2] += (double)s;
+                row[3] = fmax(row[3], (double)mx);
             }
             col = 4;
         }
         if (DO_FLIPS) {
             const double dd = warp_reduce<double, false>(f_dd);
             if (lane == 0) {
-                row[col] = (double)u;
-                row[col + 1] = dd;
+                row[col] += (double)u;
+                row[col + 1] += dd;
             }
             col += 2;
 #pragma unroll
@@ -446,35 +451,32 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                 const double nr = warp_reduce<double, false>(near_s[f]);
                 const double sr = warp_reduce<double, false>(sr_s[f]);
                 if (lane == 0) {
-                    row[col] = (double)fl;
-                    row[col + 1] = (double)(u - fl); /* n_stall: updated, no grid step */
-                    row[col + 2] = (double)sp;
-                    row[col + 3] = mv;
-                    row[col + 4] = nr;
-                    row[col + 5] = sr;
+                    row[col] += (double)fl;
+                    row[col + 1] += (double)(u - fl); /* n_stall: updated, no grid step */
+                    row[col + 2] += (double)sp;
+                    row[col + 3] += mv;
+                    row[col + 4] += nr;
+                    row[col + 5] += sr;
                 }
                 col += 6;
             }
         }
     }
     release(work, lane);
-    /* The histogram of a step the optimizer skipped (*taken false: AMP found inf/NaN gradients) is not added. */
-    if (DO_HIST && (taken == nullptr || *taken)) {
+    if (DO_HIST) {
         __syncthreads();
         for (int i = threadIdx.x; i < HIST_BINS; i += THREADS)
             if (i != 0 && h[i]) atomicAdd(&hist[i], (unsigned long long)h[i]);
     }
 }
 
-/* The partial rows of one launch (part: n_rows x ncols, row-major) added to its running sums `acc`: column sums, or
- * maxima for the columns whose bit is set in max_mask (non-negative values; running maxima start at 0), nothing
- * where *taken is false (a step the optimizer skipped). One block per column; each thread adds a fixed stride of
- * rows and the block's threads combine in a fixed tree, so the sums are the same on every run. One launch in place
- * of the handful of torch operations per kernel of _fused.FusedPass._add (host time: benchmarks/NOTES.md, session 9).
- */
+/* The running rows of one launch (part: n_rows x ncols, row-major; the kernels above add each step's sums of a chunk
+ * to its row, and keep the maximum in the max columns) reduced to `acc` when the pass is drained: column sums, or
+ * maxima for the columns whose bit is set in max_mask (non-negative values). One block per column; each thread adds
+ * a fixed stride of rows and the block's threads combine in a fixed tree, so the sums are the same on every run. */
 extern "C" __global__ void __launch_bounds__(THREADS)
 reduce_rows(const double *__restrict__ part, long long n_rows, int ncols, unsigned long long max_mask,
-            double *__restrict__ acc, const bool *__restrict__ taken) {
+            double *__restrict__ acc) {
     __shared__ double s[THREADS];
     const int j = blockIdx.x;
     const bool is_max = (max_mask >> j) & 1ull;
@@ -492,5 +494,17 @@ reduce_rows(const double *__restrict__ part, long long n_rows, int ncols, unsign
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0 && (taken == nullptr || *taken)) acc[j] = is_max ? fmax(acc[j], s[0]) : acc[j] + s[0];
+    if (threadIdx.x == 0) acc[j] = s[0];
+}
+
+/* tab[0..n) = t.p[0..n), n <= TABLE_LEN: this step's gradient pointers written into the device table by one launch
+ * whose arguments carry them (the driver copies a launch's arguments when it is queued, so the host's buffer is free
+ * again at once), in place of a pinned host buffer and a copy (~0.1 ms of host time per step inside training,
+ * benchmarks/NOTES.md, session 10). */
+#define TABLE_LEN 480
+struct PtrTable {
+    long long p[TABLE_LEN];
+};
+extern "C" __global__ void __launch_bounds__(THREADS) set_table(long long *__restrict__ tab, int n, PtrTable t) {
+    for (int i = threadIdx.x; i < n; i += THREADS) tab[i] = t.p[i];
 }

@@ -28,6 +28,7 @@ import torch
 _SOURCE = Path(__file__).with_name("_fused_cuda.cu")
 THREADS = 256  # the source's THREADS
 MAX_FORMATS = 4  # formats per launch (each one's accumulators cost registers)
+TABLE_LEN = 480  # the source's TABLE_LEN: pointers per set_table launch (its arguments stay under 4 KiB)
 
 FormatRow = tuple[int, int, int, float, float, int, float, float, float, int]  # a row of _fused._format_constants
 _lock = threading.Lock()
@@ -42,6 +43,7 @@ class Compiled(NamedTuple):
     before: ctypes.c_void_p
     after: ctypes.c_void_p
     reduce: ctypes.c_void_p
+    set_table: ctypes.c_void_p
     before_grid: int
     after_grid: int
 
@@ -132,8 +134,8 @@ def _compile(nvrtc: ctypes.CDLL, arch: str, defines: list[str], source: bytes | 
 def kernel(device: torch.device, fmts: Sequence[FormatRow], families: Families, *, chunk: int) -> Compiled | None:
     """The source compiled for these formats (rows of ``_fused._format_constants``, at most :data:`MAX_FORMATS`)
     and families on ``device``, for the chunk table's ``chunk`` (elements per chunk, a multiple of 128): its
-    ``before_kernel``, ``after_kernel`` and ``reduce_rows`` (which needs no format: any build serves), or ``None``
-    where CUDA C cannot be compiled or loaded here."""
+    ``before_kernel``, ``after_kernel``, ``reduce_rows`` and ``set_table`` (the last two need no format: any build
+    serves), or ``None`` where CUDA C cannot be compiled or loaded here."""
     global _libs, _reason, _tried
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, chunk, tuple(fmts), families)
@@ -163,7 +165,7 @@ def kernel(device: torch.device, fmts: Sequence[FormatRow], families: Families, 
                 if cuda.cuModuleLoadData(ctypes.byref(module), cubin) != 0:
                     raise RuntimeError("cuModuleLoadData failed")
                 fns, grids = [], []
-                for name in (b"before_kernel", b"after_kernel", b"reduce_rows"):
+                for name in (b"before_kernel", b"after_kernel", b"reduce_rows", b"set_table"):
                     fn, per_sm, no_dynamic_smem = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_size_t(0)
                     if cuda.cuModuleGetFunction(ctypes.byref(fn), module, name) != 0:
                         raise RuntimeError(f"cuModuleGetFunction({name.decode()}) failed")
@@ -178,29 +180,32 @@ def kernel(device: torch.device, fmts: Sequence[FormatRow], families: Families, 
             _reason = f"the CUDA C kernels are unavailable: {err}"
             _kernels[key] = None
             return None
-        _kernels[key] = Compiled(fns[0], fns[1], fns[2], grids[0], grids[1])
+        _kernels[key] = Compiled(fns[0], fns[1], fns[2], fns[3], grids[0], grids[1])
         return _kernels[key]
 
 
 class Call:
     """One kernel's launch on torch's current stream with its arguments packed once: ``args`` (tensors, passed as
-    their data pointers, and ctypes scalars, in the kernel's order) must keep their storage for as long as the call
-    is used; a last pointer argument (``taken`` of after_kernel and reduce_rows, ``gscale`` of before_kernel) is set
+    their data pointers, and ctypes values, in the kernel's order) must keep their storage for as long as the call
+    is used; with ``last``, a last pointer argument (``taken`` of after_kernel, ``gscale`` of before_kernel) is set
     on each call. The host time of a launch is then the driver's (~10 µs), where packing the arguments and entering
     the device's context cost ~50 µs per launch on the GPU machines (benchmarks/NOTES.md, session 9)."""
 
-    def __init__(self, fn: ctypes.c_void_p, blocks: int, args: Sequence[Any], device: torch.device) -> None:
+    def __init__(
+        self, fn: ctypes.c_void_p, blocks: int, args: Sequence[Any], device: torch.device, *, last: bool = True
+    ) -> None:
         assert _libs is not None and device.index is not None
         self._fn, self._blocks, self._index = fn, blocks, device.index
         self._last = ctypes.c_void_p(None)
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        values.append(self._last)
+        values += [self._last] if last else []
         self._values = values  # the ctypes objects the packed pointers point into
         pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         self._params = (ctypes.c_void_p * len(values))(*pointers)
 
     def __call__(self, last: torch.Tensor | None = None) -> None:
-        """Launch, with ``last`` (a tensor on the device, or ``None`` for a null pointer) as the last argument."""
+        """Launch, with ``last`` (a tensor on the device, or ``None`` for a null pointer) as the last pointer
+        argument where the call has one."""
         assert _libs is not None
         self._last.value = None if last is None else last.data_ptr()
         stream = ctypes.c_void_p(_raw_stream(self._index))
