@@ -18,8 +18,9 @@ concatenation copy), so one step touches about 20 bytes per float32 parameter fo
 ``benchmarks/NOTES.md``. Every program reduces its chunk to one row of partial sums, each thread first summing the
 four elements of its 16-byte loads in registers; one ``sum`` over the rows gives the same sums as the reference
 ``_update`` functions (counts exactly, float64 sums up to summation order), which ``tests/test_fused.py`` checks on
-adversarial inputs. A step queues its kernels and a few small operations (on CUDA with NVRTC: one more kernel per
-launch, ``reduce_rows``) and returns: no host synchronisation.
+adversarial inputs. A step queues its kernels and a few small operations and returns: no host synchronisation. (On
+CUDA with NVRTC a step queues only kernels: ``set_table`` writes the gradient pointers when they moved, and the
+kernels add each step to their chunks' rows, which ``reduce_rows`` reduces once per drain.)
 
 What the fast path covers (anything else takes the reference path, per optimizer): contiguous, 16-byte aligned float32
 weights on one CUDA device (with Triton) or on the CPU (with a C compiler), such float32 gradients, no per-tensor
