@@ -9,10 +9,10 @@
  * The same chunk table, the same rows (the columns of _before_columns and _after_columns, float64) and the same
  * histogram (int64, bucket 0 not counted) as the Triton kernels, except that each step adds to the rows here (the
  * Triton kernels write them anew, and the host adds them up after each step): a drain reduces them once
- * (reduce_rows), so a step launches no reduction. Every grid value, index,
- * distance and sum term is the C backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound
- * by its integer and logic (ALU) pipe and by instruction issue (Nsight Compute: ALU 85 % busy; benchmarks/NOTES.md,
- * sessions 8 and 9), so the formulation counts instructions, ALU ones first: saturation as one minimum before
+ * (reduce_rows), so a step launches no reduction. Every grid value, index, distance and sum term is the C
+ * backend's (_fused_cpu.c), formulated for this machine, where the kernel is bound by its integer and logic (ALU)
+ * pipe and by instruction issue (Nsight Compute: ALU 85 % busy; benchmarks/NOTES.md, sessions 8 and 9), so the
+ * formulation counts instructions, ALU ones first: saturation as one minimum before
  * rounding, nearest-even rounding by adding a power of two (float adds; on the bits where that constant would
  * overflow), no check per pair where all of a warp's pairs at a step are finite (excluded pairs read as (0, 0)
  * otherwise, instead of a select per format), the histogram bucket from a conversion toward zero without a branch,
