@@ -140,8 +140,11 @@ __device__ __forceinline__ void release(unsigned int *work, int lane) {
 /* The `before` pass (Triton's _before_kernel, the C backend's before_chunk_n): stiffness and grid sums of the
  * weights w and gradients g (divided by *gscale where it is given: AMP's unapplied scale), one partial row per
  * chunk (the columns of _before_columns), and with DO_SNAP the snapshot of w for the `after` pass. A warp per
- * chunk, as after_kernel; it reads 8 bytes per element and writes 4, at 0.95 of the copy bandwidth on an H100. */
-extern "C" __global__ void __launch_bounds__(THREADS)
+ * chunk, as after_kernel; it reads 8 bytes per element and writes 4, at 0.95 of the copy bandwidth on an H100.
+ * At least two blocks per SM: with four formats the compiler took 132 registers (one block per SM, 0.73 ms on an
+ * H100), capped at 128 it takes 0.58 ms without spilling; one and three formats are unchanged (86 and 125
+ * registers; benchmarks/NOTES.md, session 10). */
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ g_tab,
               const long long *__restrict__ snap_off, const int *__restrict__ chunk_t,
               const long long *__restrict__ chunk_start, const long long *__restrict__ numel, float *__restrict__ snap,
