@@ -1016,7 +1016,6 @@ class FusedPass:
             if phase == "after":
                 self._add_stalls(gi, part, None)
             part.zero_()
-        self._ran.clear()
 
     def _set_g_table(self, ptrs: list[int]) -> None:
         """Write the gradient pointers into the device table ``_g_tab`` on the current stream: set_table launches
@@ -1091,6 +1090,7 @@ class FusedPass:
             ulp["hist"][0] = ulp["n_zero"]  # bucket 0 is no count: the kernels count moved elements only
         stalls = self._stalls
         self._acc, self._stalls = {}, {}
+        self._ran.clear()
         self._hist.zero_()  # in place: the packed CUDA launches hold its pointer
         self._before_steps = self._after_steps = 0
         self._after_taken = None
