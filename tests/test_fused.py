@@ -470,6 +470,39 @@ def test_callback_fast_path_logs_the_independent_recomputation(tmp_path, acceler
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_parameters_moved_to_new_storage_mid_fit_are_laid_out_again(tmp_path, accelerator):
+    """Every parameter's storage replaced before steps 4 and 8 (``p.data = p.data.clone()``, as ``model.to`` and
+    ``_apply`` do; the old storage freed): the kernels never read the freed storage, the pass is laid out again
+    over the new ones, the fast path is taken at every step, and every logged value still equals the numpy
+    recomputation."""
+    import lightning.pytorch as pl
+    from callback_helpers import assert_matches, csv_rows, fit, reference
+
+    from altgrad_lightning import QuantizationMonitor
+
+    class Mover(pl.Callback):
+        def __init__(self) -> None:
+            self.passes: list[object] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in (4, 8):
+                self.passes.append(next(iter(monitor._fused_passes.values())))
+                for p in pl_module.parameters():
+                    p.data = p.data.clone()
+
+    torch.manual_seed(0)
+    monitor = QuantizationMonitor(formats=["float8_e4m3fn", "bfloat16"])
+    mover = Mover()
+    trainer, probe, model = fit(tmp_path, monitor, accelerator=accelerator, callbacks=[mover])
+    assert monitor._fused_steps == 12 and len(mover.passes) == 2
+    assert mover.passes[0] is not mover.passes[1]  # a new layout after each move
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 12
+    for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):
+        assert_matches(row, reference([step], formats=("float8_e4m3fn", "bfloat16")), what=i)
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(tmp_path, accelerator):
     """sample_fraction: the fused kernels gather the subset, and every logged value is the numpy recomputation on
     the subset's elements."""
