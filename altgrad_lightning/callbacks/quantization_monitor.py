@@ -114,10 +114,9 @@ class QuantizationMonitor(Callback):
             torch (Triton kernels where that does not build, and with ``sample_fraction``), and on the CPU a small C
             library built once with the system C compiler (``$CC`` or ``cc``; a few seconds, then cached under
             ``~/.cache/altgrad_lightning``; without a compiler the monitor warns once per fit and takes the
-            reference path). Same numbers (tested
-            equal); applies to contiguous float32 weights and gradients without ``per_parameter`` or ``scaling``,
-            and to every preset format but ``float8_e8m0fnu`` and ``e0m7``; anything else takes the reference path,
-            per optimizer and step.
+            reference path). Same numbers (tested equal); applies to contiguous float32 weights and gradients
+            without ``per_parameter`` or ``scaling``, and to every preset format but ``float8_e8m0fnu`` and
+            ``e0m7``; anything else takes the reference path, per optimizer and step.
         sample_fraction: measure a fixed random subset of the weight elements instead of all of them: each element
             of each selected parameter (of the rank's shard, when sharded) is in it independently with this
             probability, drawn once at the start of fit from ``sample_seed`` (plus the rank when sharded), so the same

@@ -72,8 +72,7 @@ def _formats_define(fmts: Sequence[FormatRow]) -> str:
         (sub_c,) = struct.unpack("<f", struct.pack("<I", sub_c_bits))
         rows.append(
             f"{{{emin}, {eclamp}, {m}, {imax}, {'true' if magic else 'false'}, {sub_c_bits:#x}u, {float(p2m).hex()}f, "
-            f"{float(fmax).hex()}f, "
-            f"{float(sub_c).hex()}f, {float(fmax).hex()}}}"
+            f"{float(fmax).hex()}f, {float(sub_c).hex()}f, {float(fmax).hex()}}}"
         )
     return "{" + ", ".join(rows) + "}"
 
