@@ -10,8 +10,8 @@ CPU (``_fused_cpu.c``: the same passes, chunk table, partial rows and arithmetic
   ULP and flip diagnostics need, and reduces the stiffness and grid-alignment sums of up to four formats;
 - ``after`` (in the optimizer's step post hook): reads the snapshot and ``w'`` once and reduces the ULP sums, the
   fine ULP histogram and the flip sums (Triton's kernel one format per launch: more formats cost more registers
-  than the extra reads of ``after`` cost bandwidth, ``_MAX_FORMATS``; the CUDA C kernel up to 4, the C backend up to
-  8 formats per call).
+  than the extra reads of ``after`` cost bandwidth, ``_MAX_FORMATS``; the CUDA C kernels up to 4 formats per
+  ``before`` launch and 8 per ``after`` launch, the C backend up to 8 formats per call).
 
 Each kernel walks all parameters at once through a table of data pointers (no launch per parameter, no
 concatenation copy), so one step touches about 20 bytes per float32 parameter for one format, the floor of
@@ -66,9 +66,9 @@ _STAGES = 3  # software pipelining of the tile loop (Triton's num_stages): bench
 _MAX_FORMATS = {"before": 4, "after": 1}
 # The C backend keeps a block's lanes in L1 whatever the formats: one call per phase up to its own limit.
 _MAX_FORMATS_CPU = {"before": 8, "after": 8}
-# The CUDA C kernels (_fused_cuda.cu) are compiled per launch shape, for up to its MAX_FORMATS formats: the same
-# groups in both phases, so that one build per launch serves its before and after kernels.
-_MAX_FORMATS_CUDA = {"before": _fused_cuda.MAX_FORMATS, "after": _fused_cuda.MAX_FORMATS}
+# The CUDA C kernels (_fused_cuda.cu) are compiled per launch shape: up to four formats per before launch (past
+# four, its accumulators would cut the blocks per SM), up to eight per after launch (benchmarks/NOTES.md, session 11).
+_MAX_FORMATS_CUDA = {"before": _fused_cuda.MAX_FORMATS_BEFORE, "after": _fused_cuda.MAX_FORMATS}
 _HIST = True  # benchmarks/diagnostic_pass.py --ablate switches the histogram off to time it
 _WINDOW = 256  # fine ULP-histogram buckets counted in registers per program (16 octaves)
 _HIST_BINS = 1024  # the fine ULP histogram of float32 distances fits in 1 + 16 * 33 buckets
@@ -735,10 +735,9 @@ class FusedPass:
             self.indices[offset : offset + n] = idx
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
-        # The CUDA C build of each launch (its before and after kernels), and the packed launches of the kernels per
-        # (phase, launch), of reduce_rows per (phase, launch) and of set_table per slice of the gradient table, made
-        # on first use.
-        self._cuda_kernels: list[_fused_cuda.Compiled] = []
+        # The CUDA C build of each (phase, launch), and the packed launches of the kernels per (phase, launch), of
+        # reduce_rows per (phase, launch) and of set_table per slice of the gradient table, made on first use.
+        self._cuda_kernels: dict[tuple[str, int], _fused_cuda.Compiled] = {}
         self._kernel_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
         self._reduce_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
         self._table_calls: list[tuple[_fused_cuda.Call, ctypes.Array[ctypes.c_longlong], int]] = []
@@ -800,22 +799,25 @@ class FusedPass:
         return groups, launches
 
     def _cuda_compiles(self) -> bool:
-        """Compile (once per process and launch shape) the CUDA C kernels of each launch (one build serves a launch's
-        before and after kernels: the phases group the formats alike), kept for the steps in ``_cuda_kernels``;
-        False where NVRTC cannot."""
+        """Compile (once per process and launch shape) the CUDA C kernels of each launch, kept for the steps in
+        ``_cuda_kernels``; False where NVRTC cannot. Where both phases group the formats alike (up to four formats),
+        one build per launch serves its before and after kernels; else each phase's builds hold only its families."""
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         do_ulp, do_flips = "ulp" in self.diagnostics, "flips" in self.diagnostics
-        self._cuda_kernels = []
-        for gi, launch in enumerate(self._launches["after"]):  # the snapshot and ULP go with the first launch
-            first = gi == 0
-            families = _fused_cuda.Families(
-                stiff=do_stiff, grid=do_grid, snap=first and self._keep_snapshot, ulp=first and do_ulp,
-                hist=first and do_ulp and _HIST, flips=do_flips,
-            )  # fmt: skip
-            compiled = _fused_cuda.kernel(self.snapshot.device, launch.fmts, families, chunk=CHUNK)
-            if compiled is None:
-                return False
-            self._cuda_kernels.append(compiled)
+        alike = self._groups["before"] == self._groups["after"]
+        self._cuda_kernels = {}
+        for phase, launches in self._launches.items():
+            before, after = alike or phase == "before", alike or phase == "after"
+            for gi, launch in enumerate(launches):  # the snapshot and ULP go with the first launch
+                first = gi == 0
+                families = _fused_cuda.Families(
+                    stiff=before and do_stiff, grid=before and do_grid, snap=before and first and self._keep_snapshot,
+                    ulp=after and first and do_ulp, hist=after and first and do_ulp and _HIST, flips=after and do_flips,
+                )  # fmt: skip
+                compiled = _fused_cuda.kernel(self.snapshot.device, launch.fmts, families, chunk=CHUNK)
+                if compiled is None:
+                    return False
+                self._cuda_kernels[phase, gi] = compiled
         return bool(self._cuda_kernels)
 
     def step_grads(self) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -968,7 +970,7 @@ class FusedPass:
         the before kernel's gradient scale, the after kernel's ``taken`` (``None``: none, true)."""
         call = self._kernel_calls.get((phase, gi))
         if call is None:
-            compiled = self._cuda_kernels[gi]
+            compiled = self._cuda_kernels[phase, gi]
             assert self._work is not None
             sizes = (ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]))
             tables = (self._snap_off, self._chunk_t, self._chunk_start, self._numel, self.snapshot, part)
@@ -1008,7 +1010,7 @@ class FusedPass:
                     acc = self._acc_dev[phase, gi] = torch.empty(part.shape[1], dtype=torch.float64, device=part.device)
                     max_mask = ctypes.c_ulonglong(sum(1 << j for j in launch.max_cols))
                     args = (part, ctypes.c_longlong(self.n_chunks), ctypes.c_int(part.shape[1]), max_mask, acc)
-                    fn = self._cuda_kernels[0].reduce
+                    fn = self._cuda_kernels[phase, gi].reduce
                     call = _fused_cuda.Call(fn, part.shape[1], args, part.device, last=False)
                     self._reduce_calls[phase, gi] = call
                 call()
@@ -1021,7 +1023,7 @@ class FusedPass:
         """Write the gradient pointers into the device table ``_g_tab`` on the current stream: set_table launches
         carrying :data:`_fused_cuda.TABLE_LEN` of them each in their arguments."""
         if not self._table_calls:
-            fn, n, size = self._cuda_kernels[0].set_table, len(self.params), _fused_cuda.TABLE_LEN
+            fn, n, size = self._cuda_kernels["before", 0].set_table, len(self.params), _fused_cuda.TABLE_LEN
             for j in range(0, n, size):
                 buf = (ctypes.c_longlong * size)()
                 args = (ctypes.c_void_p(self._g_tab.data_ptr() + 8 * j), ctypes.c_int(min(size, n - j)), buf)

@@ -34,6 +34,7 @@
 #define NF 1
 #endif
 #define NFA (NF > 0 ? NF : 1)
+static_assert(NF <= 8, "at most eight formats per build (_fused_cuda.MAX_FORMATS)");
 
 struct Fmt {
     int emin, eclamp, m, imax;
@@ -298,7 +299,10 @@ before_kernel(const long long *__restrict__ w_tab, const long long *__restrict__
     release(work, lane);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+/* Two blocks per SM from the fifth format on (the compiler would take up to 142 registers for eight formats, one
+ * block per SM); up to four formats the compiler's own choice (64 to 103 registers). */
+#define AFTER_MIN_BLOCKS (NF > 4 ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(THREADS, AFTER_MIN_BLOCKS)
 after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ snap_off,
              const int *__restrict__ chunk_t, const long long *__restrict__ chunk_start,
              const long long *__restrict__ numel, const float *__restrict__ snap, double *__restrict__ part,

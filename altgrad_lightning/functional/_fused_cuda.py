@@ -27,7 +27,8 @@ import torch
 
 _SOURCE = Path(__file__).with_name("_fused_cuda.cu")
 THREADS = 256  # the source's THREADS
-MAX_FORMATS = 4  # formats per launch (each one's accumulators cost registers)
+MAX_FORMATS = 8  # formats per launch (each one's accumulators cost registers; the source's static_assert)
+MAX_FORMATS_BEFORE = 4  # ... of the before kernel, whose accumulators fill the registers from the fifth format
 TABLE_LEN = 480  # the source's TABLE_LEN: pointers per set_table launch (its arguments stay under 4 KiB)
 
 FormatRow = tuple[int, int, int, float, float, int, float, float, float, int]  # a row of _fused._format_constants
