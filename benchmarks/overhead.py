@@ -14,9 +14,9 @@ Variants (``--variants``, comma-separated keys; ``F`` = ``--formats``):
 - ``naive``: :class:`naive_callback.NaiveMonitor` on ``F[0]``, the hand-written way (per-parameter ``.item()``,
   means over parameters logged);
 - ``naivelog``: the same, logging every per-parameter value with ``self.log`` (not in the default list);
-- ``m1``, ``m2``, ``m3``: ``QuantizationMonitor`` with all diagnostics and the first 1, 2, 3 formats of ``F``;
+- ``m1``, ``m2``, ``m3``, …: ``QuantizationMonitor`` with all diagnostics and the first 1, 2, 3, … formats of ``F``;
 - ``every10``: ``m1`` with ``every_n_steps=10``;
-- ``alt1``, ``alt3``: ``m1`` and ``m3`` with ``every_n_steps=2`` (not in the default list): computed and skipped
+- ``alt1``, ``alt2``, …: ``m1``, ``m2``, … with ``every_n_steps=2`` (not in the default list): computed and skipped
   steps alternate inside one run, which gives the **in-run ratio** (below);
 - ``nosnap``: ``m1`` with ``diagnostics=("stiffness", "grid")`` (no snapshot of the weights);
 - ``snaponly``: ``m1`` with ``diagnostics=("ulp", "flips")``;
@@ -41,7 +41,7 @@ Method:
   Per run the median step is kept (``ms/step``) and the mean (``mean ms``, which amortises ``every_n_steps`` > 1);
   the table shows the median over repeats. ``ratio`` is the median over repeats of the run's median step time over
   the baseline's median step time *in the same round* (paired, so drift between rounds cancels).
-- **In-run ratio** (``alt1``, ``alt3``). Where the machine drifts between runs by more than the effect (shared hosts:
+- **In-run ratio** (``alt1``, ``alt2``, …). Where the machine drifts between runs by more than the effect (shared hosts:
   ±10 % between rounds on the GPU machines), pairing within one run is finer: every computed step over the mean of
   its two neighbours, which skip the diagnostics and cost what a step without the callback costs (``every10``).
   The median over all such triples of all rounds is printed under the table.
@@ -374,7 +374,7 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
             diagnostics=naive_diags,
         ),
     ]
-    for k in range(1, min(3, len(formats)) + 1):
+    for k in range(1, len(formats) + 1):
         fk = formats[:k]
         label = f"QuantizationMonitor, {k} format{'s' if k > 1 else ''}"
         out.append(Variant(f"m{k}", label, lambda fk=fk: QuantizationMonitor(formats=fk)))
@@ -410,7 +410,7 @@ def build_variants(formats: list[str]) -> dict[str, Variant]:
                     lambda scaling=scaling: QuantizationMonitor(formats=f1, scaling=scaling, sample_fraction=0.02),
                 )
             )
-    for k in (1, 3):
+    for k in range(1, len(formats) + 1):
         fk = formats[:k]
         out.append(
             Variant(
