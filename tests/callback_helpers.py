@@ -63,6 +63,31 @@ ULP_STATS = ("ulp_mean", "ulp_median", "ulp_max", "ulp_zero_frac", "ulp_nonfinit
 # --- model ---------------------------------------------------------------------------------------------------------
 
 
+class RebindingSGD(torch.optim.Optimizer):
+    """Plain SGD written as some hand-written optimizers are: ``p.data = p.data - lr * p.grad``, which gives every
+    parameter new storage inside ``step()`` and frees the old one. From step ``strided_from`` on, the first
+    two-dimensional parameter is rebound to a column-major (non-contiguous) tensor of the same values."""
+
+    def __init__(self, params, lr: float, strided_from: int | None = None) -> None:
+        super().__init__(params, {"lr": lr})
+        self.strided_from, self.steps = strided_from, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        strided = self.strided_from is not None and self.steps >= self.strided_from
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                new = p.data - group["lr"] * p.grad
+                if strided and new.dim() == 2:
+                    new, strided = new.t().contiguous().t(), False
+                p.data = new
+        self.steps += 1
+        return loss
+
+
 class TinyRegressor(pl.LightningModule):
     """6 -> 12 -> 1 MLP (97 parameters) on a fixed synthetic regression set of 256 samples, batch 16."""
 
@@ -85,6 +110,9 @@ class TinyRegressor(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.optimizer_name.startswith("rebind"):  # "rebind", or "rebind-strided-<step>"
+            strided_from = int(self.optimizer_name.rsplit("-", 1)[1]) if "strided" in self.optimizer_name else None
+            return RebindingSGD(self.parameters(), lr=self.lr, strided_from=strided_from)
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused or None)
 
     def train_dataloader(self):

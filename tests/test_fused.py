@@ -506,6 +506,67 @@ def test_parameters_moved_to_new_storage_mid_fit_are_laid_out_again(tmp_path, ac
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_an_optimizer_that_rebinds_its_parameters_inside_step_is_followed(tmp_path, accelerator):
+    """An optimizer stepping with ``p.data = p.data - lr * p.grad`` gives every parameter new storage inside
+    ``step()`` and frees the old one: the after kernels read the new storage (the weight table follows it), the
+    pass keeps its layout, and every logged value equals the numpy recomputation. Reading the table as it was
+    before the step, the kernels saw the freed storage: ``ulp_zero_frac`` 1.0 while every weight moved."""
+    import lightning.pytorch as pl
+    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference
+
+    from altgrad_lightning import QuantizationMonitor
+
+    class Layouts(pl.Callback):
+        def __init__(self) -> None:
+            self.passes: set[int] = set()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.passes.update(id(f) for f in monitor._fused_passes.values())
+
+    torch.manual_seed(0)
+    formats = ("float8_e4m3fn", "bfloat16")
+    monitor = QuantizationMonitor(formats=list(formats))
+    layouts = Layouts()
+    _, probe, _ = fit(tmp_path, monitor, model=TinyRegressor(optimizer="rebind"), accelerator=accelerator,
+                      callbacks=[layouts])  # fmt: skip
+    assert monitor._fused_steps == 12 and len(layouts.passes) == 1
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 12
+    for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):
+        assert row["altgrad/ulp_zero_frac"] < 0.5, i  # lr 1e-2: nearly every weight moves
+        assert_matches(row, reference([step], formats=formats), what=i)
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_step_that_leaves_a_parameter_unreadable_is_counted_and_the_reference_path_follows(tmp_path, accelerator):
+    """From the sixth step the optimizer rebinds the first weight matrix to a column-major (non-contiguous) tensor,
+    which the kernels cannot read: that step has no ULP or flip sample, is counted in ``skipped_steps`` with one
+    warning, and the following steps take the reference path, whose logged values equal the recomputation."""
+    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference
+
+    from altgrad_lightning import QuantizationMonitor
+
+    torch.manual_seed(0)
+    formats = ("float8_e4m3fn",)
+    monitor = QuantizationMonitor(formats=list(formats))
+    with pytest.warns(UserWarning, match="cannot read") as caught:
+        _, probe, _ = fit(tmp_path, monitor, model=TinyRegressor(optimizer="rebind-strided-5"), accelerator=accelerator)
+    assert sum("cannot read" in str(w.message) for w in caught) == 1
+    assert monitor._fused_steps == 6 and not monitor._fused_passes  # steps 0-5 fused, then the reference path
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 12
+    assert [row["altgrad/skipped_steps"] for row in rows] == [0.0] * 5 + [1.0] + [0.0] * 6
+    for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):
+        if i != 5:
+            assert_matches(row, reference([step], formats=formats), what=i)
+    # Step 5's stiffness and grid sums were taken before the step (the weights still fit then).
+    stats = ("grad_below_stiffness_frac", "grad_stiff_ratio_mean", "grad_stiff_correlation", "grid_error_mean",
+             "grid_error_max", "on_grid_frac", "overflow_frac", "underflow_frac")  # fmt: skip
+    before_keys = [f"altgrad/float8_e4m3fn/{stat}" for stat in stats]
+    assert_matches(rows[5], reference([probe.steps[5]], formats=formats), what=5, keys=before_keys)
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_callback_fast_path_with_a_sample_logs_the_recomputation_on_the_subset(tmp_path, accelerator):
     """sample_fraction: the fused kernels gather the subset, and every logged value is the numpy recomputation on
     the subset's elements."""

@@ -145,7 +145,9 @@ class QuantizationMonitor(Callback):
       ``log_histogram``, ``{prefix}/ulp_hist/{bucket}`` (bucket ``0``, ``1``, ``2-3``, ``4-7``, ...) (``"ulp"``,
       in the weights' own storage dtype)
     - ``{prefix}/{fmt}/stall_alert`` with ``stall_threshold``
-    - ``{prefix}/skipped_steps``: optimizer steps skipped by the AMP scaler since the previous log
+    - ``{prefix}/skipped_steps``: optimizer steps skipped by the AMP scaler since the previous log (and steps after
+      which the optimizer left a parameter as a tensor the fast path cannot read, with a warning: no ULP or flip
+      sample either)
     - with ``per_parameter``, each of the above (but the histogram) again with ``/{parameter_name}`` appended
 
     Example::
@@ -535,7 +537,14 @@ class QuantizationMonitor(Callback):
             self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
         if isinstance(pending, FusedPass):
             with torch.no_grad():
-                pending.after(taken)  # into the pass's running sums, drained at logging steps
+                if not pending.after(taken):  # into the pass's running sums, drained at logging steps
+                    # The step left a parameter in storage the pass cannot read: no ULP or flip sample, counted.
+                    self._skipped_steps += 1
+                    rank_zero_warn(
+                        "QuantizationMonitor: the optimizer's step left a parameter as a tensor the fast path cannot "
+                        "read (another dtype, layout or size); that step has no ULP or flip sample (counted in "
+                        "skipped_steps) and the following steps take the reference path where it still does not fit."
+                    )
             return
         with torch.no_grad():
             for item in pending:
@@ -731,6 +740,9 @@ class QuantizationMonitor(Callback):
             return False
         if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
             self._drain_fused(fused)
+            if not fused_supported(fused.params, self.formats, scaled=False, sampled=self.sample_fraction is not None):
+                del self._fused_passes[key]  # no longer plain float32 tensors on one device: the reference path
+                return False
             fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
         step = fused.step_grads()
         if step is None:  # e.g. a parameter without gradient at this step

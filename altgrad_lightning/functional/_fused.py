@@ -727,6 +727,7 @@ class FusedPass:
         self._snap_off = offsets.to(device)
         self._w_tab = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.int64).to(device)
         self._w_ptrs = [p.data_ptr() for p in self.params]
+        self._param_numels = [p.numel() for p in self.params]
         self.snapshot = torch.empty(sum(padded), dtype=torch.float32, device=device)
         # With a sample: the sampled element indices (int32), laid out like the snapshot.
         self.sampled = samples is not None
@@ -736,11 +737,11 @@ class FusedPass:
         self._keep_snapshot = bool(self.diagnostics & {"ulp", "flips"})
         self._groups, self._launches = self._plan()
         # The CUDA C build of each (phase, launch), and the packed launches of the kernels per (phase, launch), of
-        # reduce_rows per (phase, launch) and of set_table per slice of the gradient table, made on first use.
+        # reduce_rows per (phase, launch) and of set_table per table and slice of it, made on first use.
         self._cuda_kernels: dict[tuple[str, int], _fused_cuda.Compiled] = {}
         self._kernel_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
         self._reduce_calls: dict[tuple[str, int], _fused_cuda.Call] = {}
-        self._table_calls: list[tuple[_fused_cuda.Call, ctypes.Array[ctypes.c_longlong], int]] = []
+        self._table_calls: dict[str, list[tuple[_fused_cuda.Call, ctypes.Array[ctypes.c_longlong], int]]] = {}
         if self.backend == "cuda" and not self._cuda_compiles():
             if backend is not None:
                 why = _fused_cuda.unavailable_reason() or "it did not"
@@ -859,13 +860,7 @@ class FusedPass:
         device = self.snapshot.device
         ptrs = [g.data_ptr() for g in grads] if g_ptrs is None else g_ptrs
         if ptrs != self._g_ptrs:  # upload only changes (a loop over the same gradients keeps their storage)
-            if self.backend == "cuda":  # in the arguments of set_table launches: no host buffer to keep alive
-                self._set_g_table(ptrs)
-            else:
-                # In place (the Triton launches read the table); a pinned source makes the copy asynchronous: no host
-                # synchronisation on the training step.
-                g_tab = torch.tensor(ptrs, dtype=torch.int64, pin_memory=device.type == "cuda")
-                self._g_tab.copy_(g_tab, non_blocking=True)
+            self._write_table("g", ptrs)
             self._g_ptrs = ptrs
         do_stiff, do_grid = "stiffness" in self.diagnostics, "grid" in self.diagnostics
         gscale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else self.snapshot
@@ -894,10 +889,13 @@ class FusedPass:
                 self._add(("before", gi), launch, part, None)
         self._before_steps += 1
 
-    def after(self, taken: torch.Tensor | None = None) -> None:
+    def after(self, taken: torch.Tensor | None = None) -> bool:
         """ULP and flip sums of this step (weights now against the snapshot), added to the running sums; ``taken``
         (a 0-d tensor, true for a step the optimizer took: a bool on the pass's device costs no host synchronisation)
-        masks a step the optimizer did not take (AMP)."""
+        masks a step the optimizer did not take (AMP). False, with nothing added, where the optimizer's step left a
+        parameter in storage the pass cannot read (see :meth:`_follow_storage`)."""
+        if not self._follow_storage():
+            return False
         device = self.snapshot.device
         if taken is not None:  # the CUDA C kernels read it as a bool on the device, by pointer
             taken = taken.to(device=device, dtype=torch.bool)
@@ -933,6 +931,24 @@ class FusedPass:
         else:
             t = taken.to(torch.float64)
             self._after_taken = t if self._after_taken is None else self._after_taken + t
+        return True
+
+    def _follow_storage(self) -> bool:
+        """Point the weight table at the parameters' storage as the optimizer's step left it. An optimizer may rebind
+        a parameter to new storage inside ``step()`` (``p.data = p.data - lr * p.grad``), freeing the one the table
+        held: the kernels would read freed memory (on the CPU a crash once it is unmapped; else stale weights, as if
+        nothing had moved). One pointer comparison per step; False where a parameter no longer fits the pass
+        (another dtype, layout, size or device): the step's after sums cannot be taken then."""
+        ptrs = [p.data_ptr() for p in self.params]
+        if ptrs == self._w_ptrs:
+            return True
+        device = self.snapshot.device
+        numels = self._param_numels
+        if any(p.device != device or p.numel() != n or not _fits(p) for p, n in zip(self.params, numels, strict=True)):
+            return False
+        self._write_table("w", ptrs)
+        self._w_ptrs = ptrs
+        return True
 
     def _run_c(
         self, flags: tuple[int | bool, ...], launch: _Launch, part: torch.Tensor, hist: torch.Tensor,
@@ -1019,16 +1035,24 @@ class FusedPass:
                 self._add_stalls(gi, part, None)
             part.zero_()
 
-    def _set_g_table(self, ptrs: list[int]) -> None:
-        """Write the gradient pointers into the device table ``_g_tab`` on the current stream: set_table launches
-        carrying :data:`_fused_cuda.TABLE_LEN` of them each in their arguments."""
-        if not self._table_calls:
+    def _write_table(self, which: str, ptrs: list[int]) -> None:
+        """Write data pointers into a table the kernels read (``which``: ``"g"``, ``_g_tab``, or ``"w"``, ``_w_tab``) in
+        place and in stream order, with no host synchronisation on the training step: with the CUDA C kernels through
+        set_table launches carrying :data:`_fused_cuda.TABLE_LEN` of them each in their arguments (no host buffer to
+        keep alive), else by a copy from a host tensor, pinned on CUDA so that the copy is asynchronous."""
+        tab = self._g_tab if which == "g" else self._w_tab
+        if self.backend != "cuda":
+            tab.copy_(torch.tensor(ptrs, dtype=torch.int64, pin_memory=tab.is_cuda), non_blocking=True)
+            return
+        calls = self._table_calls.get(which)
+        if calls is None:
+            calls = self._table_calls[which] = []
             fn, n, size = self._cuda_kernels["before", 0].set_table, len(self.params), _fused_cuda.TABLE_LEN
             for j in range(0, n, size):
                 buf = (ctypes.c_longlong * size)()
-                args = (ctypes.c_void_p(self._g_tab.data_ptr() + 8 * j), ctypes.c_int(min(size, n - j)), buf)
-                self._table_calls.append((_fused_cuda.Call(fn, 1, args, self._g_tab.device, last=False), buf, j))
-        for call, buf, j in self._table_calls:
+                args = (ctypes.c_void_p(tab.data_ptr() + 8 * j), ctypes.c_int(min(size, n - j)), buf)
+                calls.append((_fused_cuda.Call(fn, 1, args, tab.device, last=False), buf, j))
+        for call, buf, j in calls:
             piece: list[Any] = ptrs[j : j + len(buf)]
             buf[: len(piece)] = piece
             call()
