@@ -543,7 +543,8 @@ class QuantizationMonitor(Callback):
                     rank_zero_warn(
                         "QuantizationMonitor: the optimizer's step left a parameter as a tensor the fast path cannot "
                         "read (another dtype, layout or size); that step has no ULP or flip sample (counted in "
-                        "skipped_steps) and the following steps take the reference path where it still does not fit."
+                        "skipped_steps), and if the parameter still does not fit at the next step, its optimizer "
+                        "takes the reference path for the rest of the fit."
                     )
             return
         with torch.no_grad():
@@ -738,10 +739,14 @@ class QuantizationMonitor(Callback):
         fused = self._fused_passes.get(key)
         if fused is None:
             return False
-        if not fused.pointers_valid():  # a parameter's storage moved (e.g. model.to(...)): lay the pass out again
+        # A parameter's storage moved since the last step (``p.data = ...``, ``model.to(...)``, an optimizer that
+        # rebinds its parameters on steps that took no fast path): the pass follows it where every parameter still
+        # fits its layout, else it is laid out again, or, where the parameters no longer fit the fast path at all,
+        # this optimizer takes the reference path for the rest of the fit.
+        if not fused.pointers_valid() and not fused.follow_storage():
             self._drain_fused(fused)
             if not fused_supported(fused.params, self.formats, scaled=False, sampled=self.sample_fraction is not None):
-                del self._fused_passes[key]  # no longer plain float32 tensors on one device: the reference path
+                del self._fused_passes[key]
                 return False
             fused = self._fused_passes[key] = self._new_fused_pass(fused.params)
         step = fused.step_grads()

@@ -849,7 +849,7 @@ class FusedPass:
         return self.snapshot[offset : offset + n]
 
     def pointers_valid(self) -> bool:
-        """False once a parameter's storage moved (e.g. ``model.to(...)``): rebuild the pass then."""
+        """False once a parameter's storage moved (e.g. ``model.to(...)``): :meth:`follow_storage` then."""
         return [p.data_ptr() for p in self.params] == self._w_ptrs
 
     def before(
@@ -893,8 +893,8 @@ class FusedPass:
         """ULP and flip sums of this step (weights now against the snapshot), added to the running sums; ``taken``
         (a 0-d tensor, true for a step the optimizer took: a bool on the pass's device costs no host synchronisation)
         masks a step the optimizer did not take (AMP). False, with nothing added, where the optimizer's step left a
-        parameter in storage the pass cannot read (see :meth:`_follow_storage`)."""
-        if not self._follow_storage():
+        parameter in storage the pass cannot read (see :meth:`follow_storage`)."""
+        if not self.follow_storage():
             return False
         device = self.snapshot.device
         if taken is not None:  # the CUDA C kernels read it as a bool on the device, by pointer
@@ -933,12 +933,12 @@ class FusedPass:
             self._after_taken = t if self._after_taken is None else self._after_taken + t
         return True
 
-    def _follow_storage(self) -> bool:
-        """Point the weight table at the parameters' storage as the optimizer's step left it. An optimizer may rebind
-        a parameter to new storage inside ``step()`` (``p.data = p.data - lr * p.grad``), freeing the one the table
-        held: the kernels would read freed memory (on the CPU a crash once it is unmapped; else stale weights, as if
-        nothing had moved). One pointer comparison per step; False where a parameter no longer fits the pass
-        (another dtype, layout, size or device): the step's after sums cannot be taken then."""
+    def follow_storage(self) -> bool:
+        """Point the weight table at the parameters' storage as it is now. An optimizer may rebind a parameter to new
+        storage inside ``step()`` (``p.data = p.data - lr * p.grad``), freeing the one the table held: the kernels
+        would read freed memory (on the CPU a crash once it is unmapped; else stale weights, as if nothing had
+        moved). One pointer comparison where nothing moved; False where a parameter no longer fits this pass
+        (another dtype, layout, size or device): lay the pass out again then, or leave the fast path."""
         ptrs = [p.data_ptr() for p in self.params]
         if ptrs == self._w_ptrs:
             return True
