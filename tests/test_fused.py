@@ -548,6 +548,51 @@ def test_an_optimizer_that_rebinds_its_parameters_inside_step_is_followed(
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_sampled_parameter_that_changes_size_mid_fit_draws_its_sample_again(tmp_path, accelerator):
+    """With ``sample_fraction``, a parameter whose ``p.data`` is replaced by a smaller tensor before step 4: its old
+    sample indices would read past its end (in the kernels, or an IndexError on the reference path). The sample is
+    drawn again for the new size with one warning, the pass is laid out again over it, and every logged value
+    equals the numpy recomputation on the subset in force at that step."""
+    import lightning.pytorch as pl
+    from callback_helpers import TinyRegressor, assert_matches, csv_rows, fit, reference
+    from test_sampling import _picks, _subset
+
+    from altgrad_lightning import QuantizationMonitor
+
+    class WithExtra(TinyRegressor):
+        def __init__(self) -> None:
+            super().__init__(optimizer="sgd", lr=0.05)
+            self.extra = torch.nn.Parameter(torch.randn(300) * 0.1)
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.extra.pow(2).mean()
+
+    class Shrink(pl.Callback):
+        def __init__(self) -> None:
+            self.picks: dict[str, np.ndarray] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                self.picks = _picks(monitor)
+                pl_module.extra.data = torch.randn(100, device=pl_module.extra.device) * 0.1
+
+    torch.manual_seed(0)
+    formats = ("float8_e4m3fn",)
+    monitor = QuantizationMonitor(formats=list(formats), sample_fraction=0.4)
+    shrink = Shrink()
+    with pytest.warns(UserWarning, match="changed size") as caught:
+        _, probe, _ = fit(tmp_path, monitor, model=WithExtra(), accelerator=accelerator, callbacks=[shrink])
+    assert sum("changed size" in str(w.message) for w in caught) == 1
+    assert monitor._fused_steps == 12
+    before, after = shrink.picks, _picks(monitor)
+    assert before["extra"].max() >= 100 and after["extra"].max() < 100 < len(after["extra"]) * 5
+    rows = csv_rows(tmp_path)
+    assert len(rows) == len(probe.steps) == 12
+    for i, (row, step) in enumerate(zip(rows, probe.steps, strict=True)):
+        assert_matches(row, reference([_subset(step, before if i < 4 else after)], formats=formats), what=i)
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_a_step_that_leaves_a_parameter_unreadable_is_counted_and_the_reference_path_follows(tmp_path, accelerator):
     """From the sixth step the optimizer rebinds the first weight matrix to a column-major (non-contiguous) tensor,
     which the kernels cannot read: that step has no ULP or flip sample, is counted in ``skipped_steps`` with one

@@ -230,8 +230,10 @@ class QuantizationMonitor(Callback):
         if not isinstance(sample_seed, int) or isinstance(sample_seed, bool):
             raise TypeError(f"Expected argument `sample_seed` to be an int, but got {sample_seed!r}")
         self.sample_seed = sample_seed
-        # With sample_fraction: id(parameter) -> the int32 indices of its sampled elements (of the rank's shard).
+        # With sample_fraction: id(parameter) -> the int32 indices of its sampled elements (of the rank's shard), and
+        # the number of elements they were drawn from.
         self._samples: dict[int, torch.Tensor] = {}
+        self._sample_sizes: dict[int, int] = {}
         self._fused_passes: dict[int, FusedPass] = {}  # id(optimizer) -> its fast path, where it applies
         self._fused_steps = 0  # optimizer steps that took the fast path (for tests and benchmarks)
 
@@ -307,7 +309,7 @@ class QuantizationMonitor(Callback):
             self._mx_layout = {id(p): _mx_shard_layout(name, p) for ps in self._selected.values() for name, p in ps}
         self._rank = trainer.global_rank
         self._local = _local_views(trainer, [p for ps in self._selected.values() for _, p in ps], self._sharded)
-        self._samples = self._draw_samples(trainer) if self.sample_fraction is not None else {}
+        self._samples, self._sample_sizes = ({}, {}) if self.sample_fraction is None else self._draw_samples(trainer)
         self._mx_takes = {}
         self._row_tensors = {}
         self._fused_passes = {}
@@ -382,7 +384,7 @@ class QuantizationMonitor(Callback):
                 else:
                     w_all = self._view(p, p.detach())
                     scales = [self._scale(w_all, fmt) for fmt in self.formats]
-                idx = self._samples.get(id(p))
+                idx = self._sample_of(p)
                 if idx is not None:  # the scales of the whole tensor, at the sampled elements
                     scales = [
                         s if s is None or isinstance(s, _BlockScales) or s.dim() == 0
@@ -701,37 +703,61 @@ class QuantizationMonitor(Callback):
             self._samples.update({id(p): fused.sample_of(i) for i, p in enumerate(params)})
         return fused
 
-    def _draw_samples(self, trainer: pl.Trainer) -> dict[int, torch.Tensor]:
-        """Every selected parameter's sampled elements (of this rank's shard): each element independently with
-        probability ``sample_fraction``, from a generator seeded with ``sample_seed`` (plus the global rank when
-        sharded, so that shards draw independently); the same subset for the whole fit and again after a resume."""
-        assert self.sample_fraction is not None
+    def _draw_samples(self, trainer: pl.Trainer) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+        """Every selected parameter's sampled elements (of this rank's shard), and the number of elements each was
+        drawn from: each element independently with probability ``sample_fraction``, from a generator seeded with
+        ``sample_seed`` (plus the global rank when sharded, so that shards draw independently); the same subset for
+        the whole fit and again after a resume."""
         generators: dict[torch.device, torch.Generator] = {}
         samples: dict[int, torch.Tensor] = {}
-        n_all = n_sampled = 0
+        sizes: dict[int, int] = {}
         for p in (p for ps in self._selected.values() for _, p in ps):
             if id(p) in samples or not self._owns(p):
                 continue
-            n = self._view(p, p.detach()).numel()
+            n = sizes[id(p)] = self._view(p, p.detach()).numel()
             g = generators.get(p.device)
             if g is None:
                 g = generators[p.device] = torch.Generator(device=p.device)
                 # Replicas (one process, DDP) draw the same subset, so every rank computes the same numbers.
                 g.manual_seed(self.sample_seed + (trainer.global_rank if self._sharded else 0))
-            chosen = torch.rand(n, generator=g, device=p.device) < self.sample_fraction
-            samples[id(p)] = chosen.nonzero().flatten().to(torch.int32 if n < 2**31 else torch.int64)
-            n_all += n
-            n_sampled += samples[id(p)].numel()
+            samples[id(p)] = self._draw(n, g, p.device)
+        n_sampled = sum(idx.numel() for idx in samples.values())
         rank_zero_info(
-            f"QuantizationMonitor: measuring a fixed sample of {n_sampled:,} of {n_all:,} weight elements "
-            f"(sample_fraction={self.sample_fraction}; rank 0's shard when sharded)."
+            f"QuantizationMonitor: measuring a fixed sample of {n_sampled:,} of {sum(sizes.values()):,} weight "
+            f"elements (sample_fraction={self.sample_fraction}; rank 0's shard when sharded)."
         )
-        return samples
+        return samples, sizes
+
+    def _draw(self, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The indices of a sample of ``n`` elements, each taken with probability ``sample_fraction``."""
+        assert self.sample_fraction is not None
+        chosen = torch.rand(n, generator=g, device=device) < self.sample_fraction
+        return chosen.nonzero().flatten().to(torch.int32 if n < 2**31 else torch.int64)
+
+    def _sample_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Parameter ``p``'s sampled elements (``None`` without a sample), drawn again where its size changed since
+        they were drawn (``p.data`` replaced mid-fit by a tensor of another size, whose end the old indices would
+        read past), from a generator seeded with ``sample_seed`` and the new size (the same on every replica)."""
+        idx = self._samples.get(id(p))
+        if idx is None:
+            return None
+        n = self._view(p, p.detach()).numel()
+        if n != self._sample_sizes[id(p)]:
+            g = torch.Generator(device=p.device)
+            g.manual_seed(self.sample_seed + n + (self._rank if self._sharded else 0))
+            idx = self._samples[id(p)] = self._draw(n, g, p.device)
+            self._sample_sizes[id(p)] = n
+            self._mx_takes.pop(id(p), None)
+            rank_zero_warn(
+                f"QuantizationMonitor: a sampled parameter changed size mid-fit (now {n:,} elements); its sample "
+                "was drawn again."
+            )
+        return idx
 
     def _sampled_values(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The rank's elements of ``t`` (``p`` itself or its gradient), only the sampled ones with a sample."""
+        idx = self._sample_of(p)
         t = self._view(p, t)
-        idx = self._samples.get(id(p))
         return t if idx is None else torch.index_select(t.reshape(-1), 0, idx)  # cheaper than t[idx]
 
     def _fused_before(self, key: int, grad_scale: torch.Tensor | None) -> bool:
@@ -745,6 +771,8 @@ class QuantizationMonitor(Callback):
         # this optimizer takes the reference path for the rest of the fit.
         if not fused.pointers_valid() and not fused.follow_storage():
             self._drain_fused(fused)
+            for p in fused.params:
+                self._sample_of(p)  # a sample drawn again where a parameter changed size
             if not fused_supported(fused.params, self.formats, scaled=False, sampled=self.sample_fraction is not None):
                 del self._fused_passes[key]
                 return False
