@@ -769,7 +769,7 @@ class QuantizationMonitor(Callback):
         # rebinds its parameters on steps that took no fast path): the pass follows it where every parameter still
         # fits its layout, else it is laid out again, or, where the parameters no longer fit the fast path at all,
         # this optimizer takes the reference path for the rest of the fit.
-        if not fused.pointers_valid() and not fused.follow_storage():
+        if not fused.follow_storage():
             self._drain_fused(fused)
             for p in fused.params:
                 self._sample_of(p)  # a sample drawn again where a parameter changed size

@@ -848,10 +848,6 @@ class FusedPass:
         offset, n = self._snap_slices[i]
         return self.snapshot[offset : offset + n]
 
-    def pointers_valid(self) -> bool:
-        """False once a parameter's storage moved (e.g. ``model.to(...)``): :meth:`follow_storage` then."""
-        return [p.data_ptr() for p in self.params] == self._w_ptrs
-
     def before(
         self, grads: Sequence[torch.Tensor], grad_scale: torch.Tensor | None, g_ptrs: list[int] | None = None
     ) -> None:
