@@ -44,7 +44,7 @@
 
 typedef struct {
     int32_t emin, eclamp, m, imax;
-    int32_t magic; /* round_index_k rounds by adding a power of two (see there) */
+    int32_t magic; /* round16 rounds by adding a power of two (see there) */
     uint32_t sub_c_bits;
     float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
     double fmax64;
@@ -156,54 +156,87 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
 /* With AVX-512 the loops are written with intrinsics: comparisons stay in mask registers and selects are single
  * masked instructions, where GCC's lowering of the generic vector code materialises every mask as a vector and
  * splits the int32 -> int64 and float -> double conversions in halves (the flip loop: 343 instructions per block
- * of 8 elements, ~150 with intrinsics; benchmarks/NOTES.md, session 7). Every value is the generic code's; a few
- * steps are formulated for the instruction set (session 8, as the CUDA C kernel): saturation as minima, 1 / S from
- * S's exponent field, the stochastic-rounding gap's exponent from qb's bits minus one toward zero, and the squares
- * fused with their accumulation (in `before` the products are exact, so the sums are the same; in the flips one
- * rounding per term instead of two). tests/test_fused.py checks both builds against the reference. */
+ * of 8 elements, ~150 with intrinsics; benchmarks/NOTES.md, session 7). The loops take 16 float32 lanes per block,
+ * one 512-bit vector, and do the float64 work in two halves of 8: the float32 and int32 steps, most of the
+ * instructions, take half as many instructions as in 256-bit vectors (session 12). Every value is the generic
+ * code's; a few steps are formulated for the instruction set (session 8, as the CUDA C kernel): saturation as
+ * minima, 1 / S from S's exponent field, the stochastic-rounding gap's exponent from qb's bits minus one toward
+ * zero, and the squares fused with their accumulation (in `before` the products are exact, so the sums are the
+ * same; in the flips one rounding per term instead of two). tests/test_fused.py checks both builds against the
+ * reference. */
 #define ALTGRAD_AVX512 1
-INLINE __m256i set1i(int32_t x) { return _mm256_set1_epi32(x); }
+#define L16 16
+INLINE __m512i set16(int32_t x) { return _mm512_set1_epi32(x); }
+INLINE __m256i lo8i(__m512i x) { return _mm512_castsi512_si256(x); }
+INLINE __m256i hi8i(__m512i x) { return _mm512_extracti32x8_epi32(x, 1); }
+INLINE __m512d lo_pd(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); } /* exact */
+INLINE __m512d hi_pd(__m512 x) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)); }
+/* 2**(e - 1023) of int32 exponent fields e in 1..2046, as doubles: the low and the high 8 lanes. */
+INLINE __m512d pow2_lo(__m512i e) { return _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_cvtepi32_epi64(lo8i(e)), 52)); }
+INLINE __m512d pow2_hi(__m512i e) { return _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_cvtepi32_epi64(hi8i(e)), 52)); }
+INLINE __mmask8 lo8(__mmask16 m) { return (__mmask8)m; }
+INLINE __mmask8 hi8(__mmask16 m) { return (__mmask8)(m >> 8); }
+INLINE __mmask16 first16(int cnt) { return (__mmask16)((1u << cnt) - 1); }
+INLINE __m512i count16(__m512i acc, __mmask16 m) { return _mm512_mask_sub_epi32(acc, m, acc, set16(-1)); }
+/* A 16-lane count folded into L = 8 lanes (each lane of a chunk's count is at most CHUNK / 16: no overflow). */
+INLINE vi fold16(__m512i x) { return (vi)_mm256_add_epi32(lo8i(x), hi8i(x)); }
 
-/* round_index (saturated nearest-even grid value and index of non-negative float32 lanes), with masks. */
-INLINE __m256 round_index_k(__m256 a, const fmt_t *F, __m256i *index) {
-    if (F->m >= 23) { /* float32's own significand width: the generic code (rare formats) */
-        vi ix;
-        vf q = round_index((vf)a, F, &ix);
-        *index = (__m256i)ix;
-        return (__m256)q;
+/* load_block of 16 lanes (zero past cnt; gathered with a sample). */
+INLINE __m512 load16(const job_t *J, const float *src, int64_t soff, int64_t base, int cnt) {
+    if (J->sampled) {
+        float buf[L16] = {0};
+        const int32_t *ix = J->idx + soff + base;
+        for (int j = 0; j < cnt; j++) buf[j] = src[ix[j]];
+        return _mm512_loadu_ps(buf);
+    }
+    return _mm512_maskz_loadu_ps(first16(cnt), src + base);
+}
+
+/* round_index (saturated nearest-even grid value and index of non-negative float32 lanes) of 16 lanes. */
+INLINE __m512 round16(__m512 a, const fmt_t *F, __m512i *index) {
+    if (F->m >= 23) { /* the generic code, in halves (rare formats) */
+        vi i0, i1;
+        const vf q0 = round_index((vf)_mm512_castps512_ps256(a), F, &i0);
+        const vf q1 = round_index((vf)_mm512_extractf32x8_ps(a, 1), F, &i1);
+        *index = _mm512_inserti32x8(_mm512_castsi256_si512((__m256i)i0), (__m256i)i1, 1);
+        return _mm512_insertf32x8(_mm512_castps256_ps512((__m256)q0), (__m256)q1, 1);
     }
     if (F->magic) {
         /* Saturation first (max is a grid value and rounding is monotone). With e = max(floor(log2 a), EMIN) and
          * C = 2**(e + 23 - M), a + C lies in [C, 2 C], where float32's spacing is 2**(e - M), the format's at a:
          * the addition rounds a to the nearest-even grid value, t - C is exact, and the bits of t minus C's are the
-         * index less 2**M per binade above EMIN's (the CUDA C kernel's round_index). 11 instructions, the bits
-         * below 20. */
-        const __m256 ac = _mm256_min_ps(a, _mm256_set1_ps(F->fmax));
-        const __m256i k = _mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(ac), 23), set1i(F->emin + 127));
-        const __m256i c = _mm256_slli_epi32(_mm256_add_epi32(k, set1i(23 - F->m)), 23);
-        const __m256 t = _mm256_add_ps(ac, _mm256_castsi256_ps(c));
-        const __m256i above = _mm256_sll_epi32(_mm256_sub_epi32(k, set1i(F->emin + 127)), _mm_cvtsi32_si128(F->m));
-        *index = _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), c), above);
-        return _mm256_sub_ps(t, _mm256_castsi256_ps(c));
+         * index less 2**M per binade above EMIN's (the CUDA C kernel's round_index). 11 instructions. */
+        const __m512 ac = _mm512_min_ps(a, _mm512_set1_ps(F->fmax));
+        const __m512i k = _mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(ac), 23), set16(F->emin + 127));
+        const __m512i c = _mm512_slli_epi32(_mm512_add_epi32(k, set16(23 - F->m)), 23);
+        const __m512 t = _mm512_add_ps(ac, _mm512_castsi512_ps(c));
+        const __m512i above = _mm512_sll_epi32(_mm512_sub_epi32(k, set16(F->emin + 127)), _mm_cvtsi32_si128(F->m));
+        *index = _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), c), above);
+        return _mm512_sub_ps(t, _mm512_castsi512_ps(c));
     }
-    const __m256i bits = _mm256_castps_si256(a);
-    const __mmask8 normal = _mm256_cmpge_epu32_mask(bits, set1i((F->emin + 127) << 23));
-    const __m256 t = _mm256_add_ps(
-        _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, set1i(0x7FFFFF)), set1i((F->m + 127) << 23))),
-        _mm256_set1_ps(8388608.0f));
-    const __m256i n_normal = _mm256_sub_epi32(_mm256_castps_si256(t), set1i(0x4B000000));
-    const __m256i q_normal = _mm256_add_epi32(_mm256_sub_epi32(_mm256_and_si256(bits, set1i(0x7F800000)), set1i(0x800000)),
-                                              _mm256_sll_epi32(n_normal, _mm_cvtsi32_si128(23 - F->m)));
-    const __m256 t_sub = _mm256_add_ps(a, _mm256_set1_ps(F->sub_c));
-    const __m256i n = _mm256_mask_blend_epi32(
-        normal, _mm256_sub_epi32(_mm256_castps_si256(t_sub), set1i((int32_t)F->sub_c_bits)), n_normal);
-    const __m256 q = _mm256_mask_blend_ps(normal, _mm256_sub_ps(t_sub, _mm256_set1_ps(F->sub_c)),
-                                          _mm256_castsi256_ps(q_normal));
-    const __m256i e = _mm256_maskz_sll_epi32(normal, _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), set1i(F->emin + 127)),
+    const __m512i bits = _mm512_castps_si512(a);
+    const __mmask16 normal = _mm512_cmpge_epu32_mask(bits, set16((F->emin + 127) << 23));
+    const __m512 t = _mm512_add_ps(
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, set16(0x7FFFFF)), set16((F->m + 127) << 23))),
+        _mm512_set1_ps(8388608.0f));
+    const __m512i n_normal = _mm512_sub_epi32(_mm512_castps_si512(t), set16(0x4B000000));
+    const __m512i q_normal = _mm512_add_epi32(_mm512_sub_epi32(_mm512_and_si512(bits, set16(0x7F800000)), set16(0x800000)),
+                                              _mm512_sll_epi32(n_normal, _mm_cvtsi32_si128(23 - F->m)));
+    const __m512 t_sub = _mm512_add_ps(a, _mm512_set1_ps(F->sub_c));
+    const __m512i n = _mm512_mask_blend_epi32(
+        normal, _mm512_sub_epi32(_mm512_castps_si512(t_sub), set16((int32_t)F->sub_c_bits)), n_normal);
+    const __m512 q = _mm512_mask_blend_ps(normal, _mm512_sub_ps(t_sub, _mm512_set1_ps(F->sub_c)),
+                                          _mm512_castsi512_ps(q_normal));
+    const __m512i e = _mm512_maskz_sll_epi32(normal, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), set16(F->emin + 127)),
                                              _mm_cvtsi32_si128(F->m));
-    /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
-    *index = _mm256_min_epi32(_mm256_add_epi32(e, n), set1i(F->imax));
-    return _mm256_min_ps(q, _mm256_set1_ps(F->fmax));
+    *index = _mm512_min_epi32(_mm512_add_epi32(e, n), set16(F->imax));
+    return _mm512_min_ps(q, _mm512_set1_ps(F->fmax));
+}
+
+/* The snapshot of 16 lanes: store_snapshot's streaming store for a whole aligned block, else a masked store. */
+INLINE void store16(float *dst, __m512 w, int cnt) {
+    if (cnt == L16 && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, w);
+    else _mm512_mask_storeu_ps(dst, first16(cnt), w);
 }
 #endif
 
@@ -266,23 +299,6 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
     return out;
 }
 
-#ifdef ALTGRAD_AVX512
-INLINE __mmask8 first_lanes(int cnt) { return (__mmask8)((1u << cnt) - 1); }
-INLINE __m256i count_lanes(__m256i acc, __mmask8 m) { return _mm256_mask_sub_epi32(acc, m, acc, set1i(-1)); }
-/* load_block with a masked load (the lanes past the chunk are not read). */
-INLINE __m256 load_k(const job_t *J, const float *src, int64_t soff, int64_t base, int cnt) {
-    return J->sampled ? (__m256)load_block(J, src, soff, base, cnt) : _mm256_maskz_loadu_ps(first_lanes(cnt), src + base);
-}
-/* after_block with masks. */
-INLINE __mmask8 after_block_k(const job_t *J, const float *W, int64_t soff, int64_t base, int cnt, __m256 *b,
-                              __m256 *w) {
-    const __m256 inf = _mm256_set1_ps(__builtin_inff()), absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
-    *b = _mm256_maskz_loadu_ps(first_lanes(cnt), J->snap + soff + base);
-    *w = load_k(J, W, soff, base, cnt);
-    const __mmask8 fin_b = _mm256_mask_cmp_ps_mask(first_lanes(cnt), _mm256_and_ps(*b, absm), inf, _CMP_LT_OQ);
-    return _mm256_mask_cmp_ps_mask(fin_b, _mm256_and_ps(*w, absm), inf, _CMP_LT_OQ);
-}
-#endif
 
 /* One chunk's stiffness and grid sums (and its snapshot), for nf formats: called with a constant nf (see
  * before_chunk), so that the format loop unrolls and the accumulators stay in registers. */
@@ -303,60 +319,89 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
         err_max[f] = allf(0.0f);
     }
 #ifdef ALTGRAD_AVX512
-    const __m256 inf = _mm256_set1_ps(__builtin_inff()), zf = _mm256_setzero_ps();
-    const __m256 absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
-    for (int64_t base = start; base < end; base += L) {
-        const int cnt = end - base < L ? (int)(end - base) : L;
-        const __m256 w = load_k(J, W, soff, base, cnt);
-        if (J->write_snap) store_snapshot(J->snap + soff + base, (vf)w, cnt);
-        const __m256 a = _mm256_and_ps(w, absm);
-        const __m256i e_raw = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 23), set1i(127));
-        const __mmask8 wfin = _mm256_mask_cmp_ps_mask(first_lanes(cnt), a, inf, _CMP_LT_OQ); /* not NaN, inf */
-        __mmask8 valid = 0;
-        __m512d x = _mm512_setzero_pd();
+    const __m512 inf = _mm512_set1_ps(__builtin_inff()), zf = _mm512_setzero_ps();
+    const __m512 absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
+    const __m512i zi = _mm512_setzero_si512();
+    __m512i s_valid16 = zi, s_zero16 = zi, r_valid16 = zi, below16[MAXF], on16[MAXF], over16[MAXF], under16[MAXF];
+    __m512 err_max16[MAXF];
+    for (int f = 0; f < nf; f++) {
+        below16[f] = on16[f] = over16[f] = under16[f] = zi;
+        err_max16[f] = zf;
+    }
+    for (int64_t base = start; base < end; base += L16) {
+        const int cnt = end - base < L16 ? (int)(end - base) : L16;
+        const __m512 w = load16(J, W, soff, base, cnt);
+        if (J->write_snap) store16(J->snap + soff + base, w, cnt);
+        const __m512 a = _mm512_and_ps(w, absm);
+        const __m512i e_raw = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), set16(127));
+        const __mmask16 wfin = _mm512_mask_cmp_ps_mask(first16(cnt), a, inf, _CMP_LT_OQ); /* not NaN, inf */
+        __mmask16 valid = 0;
+        __m512d x_lo = _mm512_setzero_pd(), x_hi = x_lo;
         if (J->do_stiff) {
-            __m256 g = load_k(J, G, soff, base, cnt);
-            if (J->has_gscale) g = _mm256_div_ps(g, _mm256_set1_ps(J->gscale));
-            const __m256 xa = _mm256_and_ps(g, absm);
-            const __mmask8 ok = _mm256_mask_cmp_ps_mask(wfin, xa, inf, _CMP_LT_OQ);
-            valid = _mm256_mask_cmp_ps_mask(ok, a, zf, _CMP_NEQ_OQ);
-            x = _mm512_cvtps_pd(_mm256_maskz_mov_ps(valid, xa));
-            s_valid = (vi)count_lanes((__m256i)s_valid, valid);
-            s_zero = (vi)count_lanes((__m256i)s_zero, ok & ~valid);
-            s_x += (vd)x;
-            s_xx = (vd)_mm512_fmadd_pd(x, x, (__m512d)s_xx); /* exact products: fused or not, the same sums */
+            __m512 g = load16(J, G, soff, base, cnt);
+            if (J->has_gscale) g = _mm512_div_ps(g, _mm512_set1_ps(J->gscale));
+            const __m512 xa = _mm512_and_ps(g, absm);
+            const __mmask16 ok = _mm512_mask_cmp_ps_mask(wfin, xa, inf, _CMP_LT_OQ);
+            valid = _mm512_mask_cmp_ps_mask(ok, a, zf, _CMP_NEQ_OQ);
+            const __m512 xv = _mm512_maskz_mov_ps(valid, xa);
+            x_lo = lo_pd(xv);
+            x_hi = hi_pd(xv);
+            s_valid16 = count16(s_valid16, valid);
+            s_zero16 = count16(s_zero16, ok & ~valid);
+            s_x += (vd)x_lo;
+            s_x += (vd)x_hi;
+            s_xx = (vd)_mm512_fmadd_pd(x_lo, x_lo, (__m512d)s_xx); /* exact products: fused or not, the same sums */
+            s_xx = (vd)_mm512_fmadd_pd(x_hi, x_hi, (__m512d)s_xx);
         }
-        if (J->do_grid) r_valid = (vi)count_lanes((__m256i)r_valid, wfin);
+        if (J->do_grid) r_valid16 = count16(r_valid16, wfin);
         for (int f = 0; f < nf; f++) {
             const fmt_t *F = &J->f[f];
             if (J->do_stiff) {
-                const __m256i e = _mm256_min_epi32(_mm256_max_epi32(e_raw, set1i(F->emin)), set1i(F->eclamp));
-                const __m512d y = _mm512_castsi512_pd(_mm512_maskz_slli_epi64(
-                    valid, _mm512_cvtepi32_epi64(_mm256_add_epi32(e, set1i(1023 - F->m))), 52)); /* S, 0 if not valid */
-                /* |g| / S exactly: 1 / S has the exponent field 2046 - S's (2**1023 where y = 0, and then x = 0) */
-                const __m512d ratio = _mm512_mul_pd(x, _mm512_castsi512_pd(_mm512_sub_epi64(
-                    _mm512_set1_epi64(2046LL << 52), _mm512_castpd_si512(y))));
-                below[f] = (vi)count_lanes((__m256i)below[f], _mm512_cmp_pd_mask(x, y, _CMP_LT_OQ));
-                ratio_s[f] += (vd)ratio;
-                y_s[f] += (vd)y;
-                yy_s[f] = (vd)_mm512_fmadd_pd(y, y, (__m512d)yy_s[f]);
-                xy_s[f] = (vd)_mm512_fmadd_pd(x, y, (__m512d)xy_s[f]);
+                /* S's exponent field, 0 where not valid; |g| / S exactly: 1 / S has the exponent field 2046 - S's
+                 * (2**1023 where y = 0, and then x = 0) */
+                const __m512i ef = _mm512_maskz_add_epi32(
+                    valid, _mm512_min_epi32(_mm512_max_epi32(e_raw, set16(F->emin)), set16(F->eclamp)),
+                    set16(1023 - F->m));
+                const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
+                const __m512d ratio_lo = _mm512_mul_pd(x_lo, pow2_lo(_mm512_sub_epi32(set16(2046), ef)));
+                const __m512d ratio_hi = _mm512_mul_pd(x_hi, pow2_hi(_mm512_sub_epi32(set16(2046), ef)));
+                below16[f] = count16(below16[f], _mm512_kunpackb(_mm512_cmp_pd_mask(x_hi, y_hi, _CMP_LT_OQ),
+                                                                 _mm512_cmp_pd_mask(x_lo, y_lo, _CMP_LT_OQ)));
+                ratio_s[f] += (vd)ratio_lo;
+                ratio_s[f] += (vd)ratio_hi;
+                y_s[f] += (vd)y_lo;
+                y_s[f] += (vd)y_hi;
+                yy_s[f] = (vd)_mm512_fmadd_pd(y_lo, y_lo, (__m512d)yy_s[f]);
+                yy_s[f] = (vd)_mm512_fmadd_pd(y_hi, y_hi, (__m512d)yy_s[f]);
+                xy_s[f] = (vd)_mm512_fmadd_pd(x_lo, y_lo, (__m512d)xy_s[f]);
+                xy_s[f] = (vd)_mm512_fmadd_pd(x_hi, y_hi, (__m512d)xy_s[f]);
             }
             if (J->do_grid) {
-                __m256i ix;
-                const __m256 q = round_index_k(a, F, &ix);
-                const __m256 err = _mm256_maskz_and_ps(wfin, _mm256_sub_ps(a, q), absm); /* |w - copysign(q, w)| */
-                const __m512d err64 = _mm512_cvtps_pd(err);
-                on[f] = (vi)count_lanes((__m256i)on[f], _mm256_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
-                over[f] = (vi)count_lanes((__m256i)over[f],
-                                          _mm256_mask_cmp_ps_mask(wfin, a, _mm256_set1_ps(F->fmax), _CMP_GT_OQ));
-                under[f] = (vi)count_lanes((__m256i)under[f], _mm256_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) &
-                                                                  _mm256_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
-                err_s[f] += (vd)err64;
-                err2_s[f] = (vd)_mm512_fmadd_pd(err64, err64, (__m512d)err2_s[f]);
-                err_max[f] = (vf)_mm256_max_ps(err, (__m256)err_max[f]);
+                __m512i ix;
+                const __m512 q = round16(a, F, &ix);
+                const __m512 err = _mm512_maskz_and_ps(wfin, _mm512_sub_ps(a, q), absm); /* |w - copysign(q, w)| */
+                const __m512d err_lo = lo_pd(err), err_hi = hi_pd(err);
+                on16[f] = count16(on16[f], _mm512_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
+                over16[f] = count16(over16[f], _mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(F->fmax), _CMP_GT_OQ));
+                under16[f] = count16(under16[f], _mm512_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) &
+                                                     _mm512_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
+                err_s[f] += (vd)err_lo;
+                err_s[f] += (vd)err_hi;
+                err2_s[f] = (vd)_mm512_fmadd_pd(err_lo, err_lo, (__m512d)err2_s[f]);
+                err2_s[f] = (vd)_mm512_fmadd_pd(err_hi, err_hi, (__m512d)err2_s[f]);
+                err_max16[f] = _mm512_max_ps(err, err_max16[f]);
             }
         }
+    }
+    s_valid = fold16(s_valid16);
+    s_zero = fold16(s_zero16);
+    r_valid = fold16(r_valid16);
+    for (int f = 0; f < nf; f++) {
+        below[f] = fold16(below16[f]);
+        on[f] = fold16(on16[f]);
+        over[f] = fold16(over16[f]);
+        under[f] = fold16(under16[f]);
+        err_max[f] = (vf)_mm256_max_ps(_mm512_castps512_ps256(err_max16[f]), _mm512_extractf32x8_ps(err_max16[f], 1));
     }
 #else
     const vi lane = lanes();
@@ -463,32 +508,41 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     vl u_sum = CVT(alli(0), vl);
     vu u_max = (vu)alli(0);
 #ifdef ALTGRAD_AVX512
-    for (int64_t base = start; base < end; base += L) {
-        const int cnt = end - base < L ? (int)(end - base) : L;
-        __m256 bf, wf;
-        const __mmask8 valid = after_block_k(J, W, soff, base, cnt, &bf, &wf);
-        u_valid = (vi)count_lanes((__m256i)u_valid, valid);
-        const __m256i b = _mm256_castps_si256(bf), w = _mm256_castps_si256(wf), zi = _mm256_setzero_si256();
-        const __m256i mag = set1i(0x7FFFFFFF);
-        const __m256i kb = _mm256_mask_sub_epi32(b, _mm256_movepi32_mask(b), zi, _mm256_and_si256(b, mag));
-        const __m256i kw = _mm256_mask_sub_epi32(w, _mm256_movepi32_mask(w), zi, _mm256_and_si256(w, mag));
-        const __mmask8 ge = _mm256_cmpge_epi32_mask(kw, kb);
-        const __m256i d = _mm256_maskz_mov_epi32(valid, _mm256_mask_sub_epi32(_mm256_sub_epi32(kb, kw), ge, kw, kb));
-        const __mmask8 moved = _mm256_test_epi32_mask(d, d);
-        u_zero = (vi)count_lanes((__m256i)u_zero, valid & ~moved);
-        u_sum += (vl)_mm512_cvtepu32_epi64(d);
-        u_max = (vu)_mm256_max_epu32(d, (__m256i)u_max);
+    const __m512i zi = _mm512_setzero_si512(), mag = set16(0x7FFFFFFF);
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+    __m512i u_valid16 = zi, u_zero16 = zi, u_max16 = zi;
+    for (int64_t base = start; base < end; base += L16) {
+        const int cnt = end - base < L16 ? (int)(end - base) : L16;
+        const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(first16(cnt), J->snap + soff + base));
+        const __m512i w = _mm512_castps_si512(load16(J, W, soff, base, cnt));
+        const __m512i ab = _mm512_and_si512(b, mag), aw = _mm512_and_si512(w, mag);
+        const __mmask16 valid = _mm512_mask_cmp_ps_mask(
+            _mm512_mask_cmp_ps_mask(first16(cnt), _mm512_castsi512_ps(ab), inf, _CMP_LT_OQ), _mm512_castsi512_ps(aw),
+            inf, _CMP_LT_OQ);
+        u_valid16 = count16(u_valid16, valid);
+        const __m512i kb = _mm512_mask_sub_epi32(b, _mm512_movepi32_mask(b), zi, ab);
+        const __m512i kw = _mm512_mask_sub_epi32(w, _mm512_movepi32_mask(w), zi, aw);
+        const __mmask16 ge = _mm512_cmpge_epi32_mask(kw, kb);
+        const __m512i d = _mm512_maskz_mov_epi32(valid, _mm512_mask_sub_epi32(_mm512_sub_epi32(kb, kw), ge, kw, kb));
+        const __mmask16 moved = _mm512_test_epi32_mask(d, d);
+        u_zero16 = count16(u_zero16, valid & ~moved);
+        u_sum += (vl)_mm512_cvtepu32_epi64(lo8i(d));
+        u_sum += (vl)_mm512_cvtepu32_epi64(hi8i(d));
+        u_max16 = _mm512_max_epu32(d, u_max16);
         if (J->do_hist) { /* the generic code's bucket, below */
-            const __mmask8 big = _mm256_cmpge_epu32_mask(d, set1i(1 << 24));
-            const __m256i dd = _mm256_mask_srli_epi32(d, big, d, 8);
-            const __m256i top = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(dd)), 19),
-                                                 set1i(16 * 127 - 1));
-            int32_t bucket[L];
-            _mm256_storeu_si256((__m256i *)bucket, _mm256_maskz_mov_epi32(moved, _mm256_mask_add_epi32(top, big, top,
-                                                                                                    set1i(128))));
-            for (int j = 0; j < L; j++) hist[j % HCOPIES][bucket[j]]++;
+            const __mmask16 big = _mm512_cmpge_epu32_mask(d, set16(1 << 24));
+            const __m512i dd = _mm512_mask_srli_epi32(d, big, d, 8);
+            const __m512i top = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(dd)), 19),
+                                                 set16(16 * 127 - 1));
+            int32_t bucket[L16];
+            _mm512_storeu_si512((void *)bucket, _mm512_maskz_mov_epi32(moved, _mm512_mask_add_epi32(top, big, top,
+                                                                                                  set16(128))));
+            for (int j = 0; j < L16; j++) hist[j % HCOPIES][bucket[j]]++;
         }
     }
+    u_valid = fold16(u_valid16);
+    u_zero = fold16(u_zero16);
+    u_max = (vu)_mm256_max_epu32(lo8i(u_max16), hi8i(u_max16));
 #else
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
@@ -541,62 +595,79 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         move_s[f] = near_s[f] = sr_s[f] = zd;
     }
 #ifdef ALTGRAD_AVX512
-    const __m256i zi = _mm256_setzero_si256();
-    const __m256 zf = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
-    const __m256 absm = _mm256_castsi256_ps(set1i(0x7FFFFFFF));
-    for (int64_t base = start; base < end; base += L) {
-        const int cnt = end - base < L ? (int)(end - base) : L;
-        __m256 b, w;
-        const __mmask8 valid = after_block_k(J, W, soff, base, cnt, &b, &w);
-        const __m256 ab = _mm256_and_ps(b, absm), aw = _mm256_and_ps(w, absm);
-        u_valid = (vi)count_lanes((__m256i)u_valid, valid);
-        const __mmask8 updated = _mm256_mask_cmp_ps_mask(valid, w, b, _CMP_NEQ_OQ);
-        f_upd = (vi)count_lanes((__m256i)f_upd, updated);
-        const __m512d delta = _mm512_maskz_sub_pd(updated, _mm512_cvtps_pd(w), _mm512_cvtps_pd(b)); /* exact */
-        f_dd = (vd)_mm512_fmadd_pd(delta, delta, (__m512d)f_dd);
-        const __mmask8 b_neg = _mm256_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm256_cmp_ps_mask(w, zf, _CMP_LT_OQ);
-        const __mmask8 toward_sign = (_mm256_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg) & 0xFF;
-        const __m256 b_sign = _mm256_maskz_mov_ps(b_neg, sign), w_sign = _mm256_maskz_mov_ps(w_neg, sign);
-        const __m512d ad = _mm512_abs_pd(delta);
+    const __m512i zi = _mm512_setzero_si512();
+    const __m512 zf = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
+    const __m512 absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
+    __m512i u_valid16 = zi, f_upd16 = zi, flip16[MAXF];
+    for (int f = 0; f < nf; f++) flip16[f] = zi;
+    for (int64_t base = start; base < end; base += L16) {
+        const int cnt = end - base < L16 ? (int)(end - base) : L16;
+        const __m512 b = _mm512_maskz_loadu_ps(first16(cnt), J->snap + soff + base);
+        const __m512 w = load16(J, W, soff, base, cnt);
+        const __m512 ab = _mm512_and_ps(b, absm), aw = _mm512_and_ps(w, absm);
+        const __mmask16 valid = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(first16(cnt), ab, inf, _CMP_LT_OQ),
+                                                        aw, inf, _CMP_LT_OQ);
+        u_valid16 = count16(u_valid16, valid);
+        const __mmask16 updated = _mm512_mask_cmp_ps_mask(valid, w, b, _CMP_NEQ_OQ);
+        f_upd16 = count16(f_upd16, updated);
+        const __m512d d_lo = _mm512_maskz_sub_pd(lo8(updated), lo_pd(w), lo_pd(b)); /* exact */
+        const __m512d d_hi = _mm512_maskz_sub_pd(hi8(updated), hi_pd(w), hi_pd(b));
+        f_dd = (vd)_mm512_fmadd_pd(d_lo, d_lo, (__m512d)f_dd);
+        f_dd = (vd)_mm512_fmadd_pd(d_hi, d_hi, (__m512d)f_dd);
+        const __mmask16 b_neg = _mm512_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm512_cmp_ps_mask(w, zf, _CMP_LT_OQ);
+        const __mmask16 toward_sign = _mm512_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg;
+        const __m512 b_sign = _mm512_maskz_mov_ps(b_neg, sign), w_sign = _mm512_maskz_mov_ps(w_neg, sign);
+        const __m512d ad_lo = _mm512_abs_pd(d_lo), ad_hi = _mm512_abs_pd(d_hi);
         for (int f = 0; f < nf; f++) {
             const fmt_t *F = &J->f[f];
-            __m256i ib, iw;
-            const __m256 qb = round_index_k(ab, F, &ib);
-            const __m256 qw = round_index_k(aw, F, &iw);
-            const __m256i sw = _mm256_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm256_mask_sub_epi32(ib, b_neg, zi, ib);
-            __mmask8 moved;
-            if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX fits int32: widened once, for the sum */
-                const __m256i steps = _mm256_maskz_abs_epi32(valid, _mm256_sub_epi32(sw, sb));
-                moved = _mm256_test_epi32_mask(steps, steps);
-                steps_s[f] += (vl)_mm512_cvtepu32_epi64(steps);
+            __m512i ib, iw;
+            const __m512 qb = round16(ab, F, &ib);
+            const __m512 qw = round16(aw, F, &iw);
+            const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
+            __mmask16 moved;
+            if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
+                const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
+                moved = _mm512_test_epi32_mask(steps, steps);
+                steps_s[f] += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
             } else {
-                const __m512i steps = _mm512_maskz_abs_epi64(
-                    valid, _mm512_sub_epi64(_mm512_cvtepi32_epi64(sw), _mm512_cvtepi32_epi64(sb)));
-                moved = _mm512_test_epi64_mask(steps, steps);
-                steps_s[f] += (vl)steps;
+                const __m512i s_lo = _mm512_maskz_abs_epi64(lo8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(lo8i(sw)),
+                                                                                       _mm512_cvtepi32_epi64(lo8i(sb))));
+                const __m512i s_hi = _mm512_maskz_abs_epi64(hi8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(hi8i(sw)),
+                                                                                       _mm512_cvtepi32_epi64(hi8i(sb))));
+                moved = _mm512_kunpackb(_mm512_test_epi64_mask(s_hi, s_hi), _mm512_test_epi64_mask(s_lo, s_lo));
+                steps_s[f] += (vl)s_lo;
+                steps_s[f] += (vl)s_hi;
             }
-            flip[f] = (vi)count_lanes((__m256i)flip[f], moved);
+            flip16[f] = count16(flip16[f], moved);
             /* Stochastic-rounding what-if, as in the generic code below. */
-            const __m512d vb = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qb, b_sign));
-            const __m512d vw = _mm512_cvtps_pd(_mm256_maskz_or_ps(valid, qw, w_sign));
+            const __m512 vbf = _mm512_maskz_or_ps(valid, qb, b_sign), vwf = _mm512_maskz_or_ps(valid, qw, w_sign);
+            const __m512d vb_lo = lo_pd(vbf), vb_hi = hi_pd(vbf), vw_lo = lo_pd(vwf), vw_hi = hi_pd(vwf);
             /* The exponent field of the spacing toward delta: qb's, or that of the value just below qb toward zero
              * (bits - 1: one binade lower from a power of two, half the spacing), not below EMIN's (from qb = 0 the
-             * arithmetic shift of -1 is -1). */
-            const __m256i qbits = _mm256_mask_sub_epi32(_mm256_castps_si256(qb), toward_sign, _mm256_castps_si256(qb),
-                                                        set1i(1));
-            const __m256i eg = _mm256_max_epi32(_mm256_srai_epi32(qbits, 23), set1i(F->emin + 127));
-            const __m512d inv_gap = _mm512_castsi512_pd(_mm512_slli_epi64(
-                _mm512_cvtepi32_epi64(_mm256_sub_epi32(set1i(1150 + F->m), eg)), 52)); /* 2**(M - e_gap) */
-            const __m512d p = _mm512_min_pd(_mm512_mul_pd(ad, inv_gap), _mm512_set1_pd(1.0));
-            const __mmask8 stuck = _mm256_mask_cmp_ps_mask(~toward_sign, qb, _mm256_set1_ps(F->fmax), _CMP_GE_OQ);
-            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], ~stuck, (__m512d)move_s[f], p);
-            const __m512d s = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb, delta), _mm512_set1_pd(-F->fmax64)),
-                                            _mm512_set1_pd(F->fmax64));
-            const __m512d e_sr = _mm512_sub_pd(s, vb), m_near = _mm512_sub_pd(vw, vb);
-            near_s[f] = (vd)_mm512_fmadd_pd(m_near, m_near, (__m512d)near_s[f]);
-            sr_s[f] = (vd)_mm512_fmadd_pd(e_sr, e_sr, (__m512d)sr_s[f]);
+             * arithmetic shift of -1 is -1); inv_gap = 2**(M - e_gap) has the exponent field 1150 + M - that. */
+            const __m512i qbits = _mm512_mask_sub_epi32(_mm512_castps_si512(qb), toward_sign, _mm512_castps_si512(qb),
+                                                        set16(1));
+            const __m512i ig = _mm512_sub_epi32(set16(1150 + F->m),
+                                                _mm512_max_epi32(_mm512_srai_epi32(qbits, 23), set16(F->emin + 127)));
+            const __m512d one = _mm512_set1_pd(1.0);
+            const __m512d p_lo = _mm512_min_pd(_mm512_mul_pd(ad_lo, pow2_lo(ig)), one);
+            const __m512d p_hi = _mm512_min_pd(_mm512_mul_pd(ad_hi, pow2_hi(ig)), one);
+            const __mmask16 go = ~_mm512_mask_cmp_ps_mask(~toward_sign, qb, _mm512_set1_ps(F->fmax), _CMP_GE_OQ);
+            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], lo8(go), (__m512d)move_s[f], p_lo);
+            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], hi8(go), (__m512d)move_s[f], p_hi);
+            const __m512d lo = _mm512_set1_pd(-F->fmax64), hi = _mm512_set1_pd(F->fmax64);
+            const __m512d e_lo = _mm512_sub_pd(_mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb_lo, d_lo), lo), hi), vb_lo);
+            const __m512d e_hi = _mm512_sub_pd(_mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb_hi, d_hi), lo), hi), vb_hi);
+            const __m512d n_lo = _mm512_sub_pd(vw_lo, vb_lo), n_hi = _mm512_sub_pd(vw_hi, vb_hi);
+            near_s[f] = (vd)_mm512_fmadd_pd(n_lo, n_lo, (__m512d)near_s[f]);
+            near_s[f] = (vd)_mm512_fmadd_pd(n_hi, n_hi, (__m512d)near_s[f]);
+            sr_s[f] = (vd)_mm512_fmadd_pd(e_lo, e_lo, (__m512d)sr_s[f]);
+            sr_s[f] = (vd)_mm512_fmadd_pd(e_hi, e_hi, (__m512d)sr_s[f]);
         }
     }
+    u_valid = fold16(u_valid16);
+    f_upd = fold16(f_upd16);
+    for (int f = 0; f < nf; f++) flip[f] = fold16(flip16[f]);
 #else
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
