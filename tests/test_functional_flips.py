@@ -68,7 +68,7 @@ def ref_survival(v: np.ndarray, d: np.ndarray, qa: np.ndarray, name: str, scale:
     """The stochastic-rounding what-if from the sorted list of the format's values: stored value ``v`` (on the
     unscaled grid), update ``d``. The neighbour in the direction of ``d`` is the next value in the list (none past
     either end); stochastic rounding leaves ``v`` with probability ``1 - min(1, |d| / gap)`` and moves it by ``d``
-    on average, clipped to the ends of the list."""
+    on average (``d`` itself), clipped to the ends of the list."""
     grid, _ = code_table(name)
     s = 1.0 if scale is None else scale
     pos = grid_position(v + 0.0, name).astype(np.int64)
@@ -76,7 +76,9 @@ def ref_survival(v: np.ndarray, d: np.ndarray, qa: np.ndarray, name: str, scale:
     exists = (nb >= 0) & (nb < grid.size)
     gap = np.abs(grid[np.clip(nb, 0, grid.size - 1)] - v)
     p_move = np.where(exists, np.minimum(1.0, np.abs(d) / s / gap), 0.0)
-    expected = (np.clip(v + d / s, grid[0], grid[-1]) - v) * s
+    moved_to = v + d / s
+    clipped = np.clip(moved_to, grid[0], grid[-1])
+    expected = np.where(clipped == moved_to, d, (clipped - v) * s)
     d_sq = np.sum(d * d)
     return {
         "sr_update_stall_frac": float(np.sum(1.0 - p_move) / d.size) if d.size else 0.0,

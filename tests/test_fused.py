@@ -224,6 +224,36 @@ def test_fused_pass_equals_reference_sums(diagnostics, backend):
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
 
 
+def test_updates_below_max_whose_stored_value_rounds_up_to_max_are_clipped(backend):
+    """Every weight is below each format's max, and all but a few are small. Those few round up to max and move
+    by less than the spacing there: outward (stuck, and clipped), toward zero, and from just below the midpoint
+    (they stay below max). The flip sums equal the reference. The kernels take a shortcut for blocks where no
+    value reaches half of the smallest max. The weights here lie between half of max and max, so this checks
+    that the shortcut is not taken for them."""
+    kind, dev = backend
+    fmts = [get_format(f) for f in ("float8_e4m3fn", "float8_e5m2", "float6_e2m3fn")]
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4096, generator=g) * 0.01
+    after = w + torch.randn(4096, generator=g) * 1e-4
+    # float8_e4m3fn's max 448 (spacing 32 above 256; from 432 up, values round to 448), e5m2's 57344 (spacing
+    # 8192), float6_e2m3fn's 7.5 (spacing 0.5): outward, toward zero, and below the midpoint, each sign.
+    pairs = [(440.0, 441.0), (440.0, 439.0), (431.0, 432.5), (56000.0, 57000.0), (7.4, 7.45), (7.3, 7.2)]
+    for k, (b, a) in enumerate(pairs):
+        for sign, at in ((1.0, 100 + 37 * k), (-1.0, 2000 + 53 * k)):
+            w[at], after[at] = sign * b, sign * a
+    param = w.clone().to(dev)
+    fused = FusedPass([param], fmts, ("flips",), backend=kind)
+    fused.before([torch.zeros_like(param)], None)
+    param.copy_(after.to(dev))
+    fused.after()
+    got, _ = fused.drain()
+    ref = _reference([w.to(dev)], [torch.zeros_like(param)], [after.to(dev)], fmts, ("flips",))
+    for fmt in fmts:
+        _assert_sums_equal(got["flips"][fmt.name], ref["flips"][fmt.name], f"flips/{fmt.name}")
+    e4m3 = ref["flips"]["float8_e4m3fn"]
+    assert e4m3["sum_sr_sq"] < e4m3["sum_update_sq"]  # the outward moves were clipped: the case is exercised
+
+
 def test_fused_pass_accumulates_steps_until_drained(backend):
     """Three steps, the second one not taken (``taken`` False, as a GradScaler's skipped step): the drained sums are
     the merged reference sums of the two taken steps for ULP and flips, of all three for stiffness and grid (read

@@ -413,7 +413,8 @@ if HAS_TRITON:
         half = toward & (eb > EMIN) & ((qbits & 0x7FFFFF) == 0)  # a power of two, moving toward zero
         inv_gap = _pow2_f64(tl.where(half, M + 1 - eb, M - eb))
         p_move = tl.where((qb >= FMAX) & ~toward, 0.0, tl.minimum(tl.abs(delta) * inv_gap, 1.0))
-        e_sr = tl.minimum(tl.maximum(vb + delta, -FMAX), FMAX) - vb
+        moved_to = vb + delta
+        e_sr = tl.where(tl.abs(moved_to) > FMAX, tl.minimum(tl.maximum(moved_to, -FMAX), FMAX) - vb, delta)
         m_near = vw - vb
         sr_move = tl.sum(p_move, axis=1)
         return flip, stall, sum_steps, sr_move, tl.sum(m_near * m_near, axis=1), tl.sum(e_sr * e_sr, axis=1)

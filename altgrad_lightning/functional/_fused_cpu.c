@@ -56,7 +56,7 @@ typedef struct {
     float *snap;
     double *part;
     int64_t *hist;
-    float gscale;
+    float gscale, safe; /* safe: half the smallest max of the formats (flips_chunk_n) */
     int has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist, nf, ncols;
     int64_t chunk, n_chunks, next;
     fmt_t f[MAXF];
@@ -576,6 +576,68 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     row[0] = v; row[1] = z; row[2] = (double)si; row[3] = (double)mx;
 }
 
+#ifdef ALTGRAD_AVX512
+/* One format's flip terms of a 16-lane block (flips_chunk_n), into its accumulators; `safe` (a constant): the
+ * block needs no clipping at max (see the caller), and its expected stochastic-rounding movement is added by the
+ * caller. */
+INLINE void flip_terms16(const fmt_t *F, const int safe, __m512 ab, __m512 aw, __m512 b_sign, __m512 w_sign,
+                         __mmask16 valid, __mmask16 b_neg, __mmask16 w_neg, __mmask16 toward_sign, __m512d d_lo,
+                         __m512d d_hi, __m512i *flip, vl *steps_s, vd *move_s, vd *near_s, vd *sr_s) {
+    const __m512i zi = _mm512_setzero_si512();
+    __m512i ib, iw;
+    const __m512 qb = round16(ab, F, &ib);
+    const __m512 qw = round16(aw, F, &iw);
+    const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
+    __mmask16 moved;
+    if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
+        const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
+        moved = _mm512_test_epi32_mask(steps, steps);
+        *steps_s += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
+    } else {
+        const __m512i s_lo = _mm512_maskz_abs_epi64(lo8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(lo8i(sw)),
+                                                                               _mm512_cvtepi32_epi64(lo8i(sb))));
+        const __m512i s_hi = _mm512_maskz_abs_epi64(hi8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(hi8i(sw)),
+                                                                               _mm512_cvtepi32_epi64(hi8i(sb))));
+        moved = _mm512_kunpackb(_mm512_test_epi64_mask(s_hi, s_hi), _mm512_test_epi64_mask(s_lo, s_lo));
+        *steps_s += (vl)s_lo;
+        *steps_s += (vl)s_hi;
+    }
+    *flip = count16(*flip, moved);
+    /* Stochastic-rounding what-if, as in the generic code. */
+    const __m512 vbf = _mm512_maskz_or_ps(valid, qb, b_sign), vwf = _mm512_maskz_or_ps(valid, qw, w_sign);
+    const __m512d vb_lo = lo_pd(vbf), vb_hi = hi_pd(vbf), vw_lo = lo_pd(vwf), vw_hi = hi_pd(vwf);
+    /* The exponent field of the spacing toward delta: qb's, or that of the value just below qb toward zero
+     * (bits - 1: one binade lower from a power of two, half the spacing), not below EMIN's (from qb = 0 the
+     * arithmetic shift of -1 is -1); inv_gap = 2**(M - e_gap) has the exponent field 1150 + M - that. */
+    const __m512i qbits = _mm512_mask_sub_epi32(_mm512_castps_si512(qb), toward_sign, _mm512_castps_si512(qb),
+                                                set16(1));
+    const __m512i ig = _mm512_sub_epi32(set16(1150 + F->m),
+                                        _mm512_max_epi32(_mm512_srai_epi32(qbits, 23), set16(F->emin + 127)));
+    const __m512d one = _mm512_set1_pd(1.0);
+    const __m512d p_lo = _mm512_min_pd(_mm512_mul_pd(_mm512_abs_pd(d_lo), pow2_lo(ig)), one);
+    const __m512d p_hi = _mm512_min_pd(_mm512_mul_pd(_mm512_abs_pd(d_hi), pow2_hi(ig)), one);
+    const __m512d n_lo = _mm512_sub_pd(vw_lo, vb_lo), n_hi = _mm512_sub_pd(vw_hi, vb_hi);
+    *near_s = (vd)_mm512_fmadd_pd(n_lo, n_lo, (__m512d)*near_s);
+    *near_s = (vd)_mm512_fmadd_pd(n_hi, n_hi, (__m512d)*near_s);
+    if (safe) {
+        *move_s += (vd)p_lo;
+        *move_s += (vd)p_hi;
+        return;
+    }
+    const __mmask16 go = ~_mm512_mask_cmp_ps_mask(~toward_sign, qb, _mm512_set1_ps(F->fmax), _CMP_GE_OQ);
+    *move_s = (vd)_mm512_mask_add_pd((__m512d)*move_s, lo8(go), (__m512d)*move_s, p_lo);
+    *move_s = (vd)_mm512_mask_add_pd((__m512d)*move_s, hi8(go), (__m512d)*move_s, p_hi);
+    /* E[SR(vb + delta)] - vb: delta inside the range, else the clipped value minus vb */
+    const __m512d lo = _mm512_set1_pd(-F->fmax64), hi = _mm512_set1_pd(F->fmax64);
+    const __m512d t_lo = _mm512_add_pd(vb_lo, d_lo), t_hi = _mm512_add_pd(vb_hi, d_hi);
+    const __m512d c_lo = _mm512_min_pd(_mm512_max_pd(t_lo, lo), hi), c_hi = _mm512_min_pd(_mm512_max_pd(t_hi, lo), hi);
+    const __m512d e_lo = _mm512_mask_sub_pd(d_lo, _mm512_cmp_pd_mask(t_lo, c_lo, _CMP_NEQ_UQ), c_lo, vb_lo);
+    const __m512d e_hi = _mm512_mask_sub_pd(d_hi, _mm512_cmp_pd_mask(t_hi, c_hi, _CMP_NEQ_UQ), c_hi, vb_hi);
+    *sr_s = (vd)_mm512_fmadd_pd(e_lo, e_lo, (__m512d)*sr_s);
+    *sr_s = (vd)_mm512_fmadd_pd(e_hi, e_hi, (__m512d)*sr_s);
+}
+#endif
+
 /* One chunk's flip sums of nf formats (a constant, as in before_chunk_n) from row[col] on, and n_valid into
  * row[0] with `count_valid`. A separate loop from ulp_chunk: the chunk is re-read from L2, and each loop keeps its
  * accumulators in registers (measured faster than one loop doing both). */
@@ -585,7 +647,7 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
     const float *W = S.w;
     const vd zd = alld(0.0);
     vi u_valid = alli(0), f_upd = alli(0);
-    vd f_dd = zd;
+    vd f_dd = zd, sr_fast = zd; /* sr_fast: see the AVX-512 loop */
     vi flip[MAXF];
     vl steps_s[MAXF];
     vd move_s[MAXF], near_s[MAXF], sr_s[MAXF];
@@ -617,52 +679,19 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         const __mmask16 b_neg = _mm512_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm512_cmp_ps_mask(w, zf, _CMP_LT_OQ);
         const __mmask16 toward_sign = _mm512_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg;
         const __m512 b_sign = _mm512_maskz_mov_ps(b_neg, sign), w_sign = _mm512_maskz_mov_ps(w_neg, sign);
-        const __m512d ad_lo = _mm512_abs_pd(d_lo), ad_hi = _mm512_abs_pd(d_hi);
-        for (int f = 0; f < nf; f++) {
-            const fmt_t *F = &J->f[f];
-            __m512i ib, iw;
-            const __m512 qb = round16(ab, F, &ib);
-            const __m512 qw = round16(aw, F, &iw);
-            const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
-            __mmask16 moved;
-            if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
-                const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
-                moved = _mm512_test_epi32_mask(steps, steps);
-                steps_s[f] += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
-            } else {
-                const __m512i s_lo = _mm512_maskz_abs_epi64(lo8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(lo8i(sw)),
-                                                                                       _mm512_cvtepi32_epi64(lo8i(sb))));
-                const __m512i s_hi = _mm512_maskz_abs_epi64(hi8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(hi8i(sw)),
-                                                                                       _mm512_cvtepi32_epi64(hi8i(sb))));
-                moved = _mm512_kunpackb(_mm512_test_epi64_mask(s_hi, s_hi), _mm512_test_epi64_mask(s_lo, s_lo));
-                steps_s[f] += (vl)s_lo;
-                steps_s[f] += (vl)s_hi;
-            }
-            flip16[f] = count16(flip16[f], moved);
-            /* Stochastic-rounding what-if, as in the generic code below. */
-            const __m512 vbf = _mm512_maskz_or_ps(valid, qb, b_sign), vwf = _mm512_maskz_or_ps(valid, qw, w_sign);
-            const __m512d vb_lo = lo_pd(vbf), vb_hi = hi_pd(vbf), vw_lo = lo_pd(vwf), vw_hi = hi_pd(vwf);
-            /* The exponent field of the spacing toward delta: qb's, or that of the value just below qb toward zero
-             * (bits - 1: one binade lower from a power of two, half the spacing), not below EMIN's (from qb = 0 the
-             * arithmetic shift of -1 is -1); inv_gap = 2**(M - e_gap) has the exponent field 1150 + M - that. */
-            const __m512i qbits = _mm512_mask_sub_epi32(_mm512_castps_si512(qb), toward_sign, _mm512_castps_si512(qb),
-                                                        set16(1));
-            const __m512i ig = _mm512_sub_epi32(set16(1150 + F->m),
-                                                _mm512_max_epi32(_mm512_srai_epi32(qbits, 23), set16(F->emin + 127)));
-            const __m512d one = _mm512_set1_pd(1.0);
-            const __m512d p_lo = _mm512_min_pd(_mm512_mul_pd(ad_lo, pow2_lo(ig)), one);
-            const __m512d p_hi = _mm512_min_pd(_mm512_mul_pd(ad_hi, pow2_hi(ig)), one);
-            const __mmask16 go = ~_mm512_mask_cmp_ps_mask(~toward_sign, qb, _mm512_set1_ps(F->fmax), _CMP_GE_OQ);
-            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], lo8(go), (__m512d)move_s[f], p_lo);
-            move_s[f] = (vd)_mm512_mask_add_pd((__m512d)move_s[f], hi8(go), (__m512d)move_s[f], p_hi);
-            const __m512d lo = _mm512_set1_pd(-F->fmax64), hi = _mm512_set1_pd(F->fmax64);
-            const __m512d e_lo = _mm512_sub_pd(_mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb_lo, d_lo), lo), hi), vb_lo);
-            const __m512d e_hi = _mm512_sub_pd(_mm512_min_pd(_mm512_max_pd(_mm512_add_pd(vb_hi, d_hi), lo), hi), vb_hi);
-            const __m512d n_lo = _mm512_sub_pd(vw_lo, vb_lo), n_hi = _mm512_sub_pd(vw_hi, vb_hi);
-            near_s[f] = (vd)_mm512_fmadd_pd(n_lo, n_lo, (__m512d)near_s[f]);
-            near_s[f] = (vd)_mm512_fmadd_pd(n_hi, n_hi, (__m512d)near_s[f]);
-            sr_s[f] = (vd)_mm512_fmadd_pd(e_lo, e_lo, (__m512d)sr_s[f]);
-            sr_s[f] = (vd)_mm512_fmadd_pd(e_hi, e_hi, (__m512d)sr_s[f]);
+        /* Where no valid element reaches half of the smallest max (the common case), no stored value is at max
+         * and v + delta stays inside every format's range: the expected stochastic-rounding movement is delta for
+         * every format, added once (sr_fast), and nothing is stuck. */
+        if (!_mm512_mask_cmp_ps_mask(valid, _mm512_max_ps(ab, aw), _mm512_set1_ps(J->safe), _CMP_GE_OQ)) {
+            sr_fast = (vd)_mm512_fmadd_pd(d_lo, d_lo, (__m512d)sr_fast);
+            sr_fast = (vd)_mm512_fmadd_pd(d_hi, d_hi, (__m512d)sr_fast);
+            for (int f = 0; f < nf; f++)
+                flip_terms16(&J->f[f], 1, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
+                             &flip16[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
+        } else {
+            for (int f = 0; f < nf; f++)
+                flip_terms16(&J->f[f], 0, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
+                             &flip16[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
         }
     }
     u_valid = fold16(u_valid16);
@@ -711,9 +740,9 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
             vd p = ad * inv_gap;
             p = vmin(p, alld(1.0));
             vd p_move = (vd)((vl)p & ~wide((qb >= F->fmax) & ~toward));
-            vd s = vb + delta;
-            s = vmin(vmax(s, alld(-F->fmax64)), alld(F->fmax64));
-            vd e_sr = s - vb, m_near = vw - vb;
+            /* E[SR(vb + delta)] - vb: delta inside the range, else the clipped value minus vb */
+            vd t = vb + delta, s = vmin(vmax(t, alld(-F->fmax64)), alld(F->fmax64));
+            vd e_sr = seld((vl)(t == s), delta, s - vb), m_near = vw - vb;
             move_s[f] += p_move;
             near_s[f] += m_near * m_near;
             sr_s[f] += e_sr * e_sr;
@@ -726,8 +755,8 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         for (int j = 0; j < L; j++) v += u_valid[j];
         row[0] = v;
     }
-    double u = 0, dd = 0;
-    for (int j = 0; j < L; j++) { u += f_upd[j]; dd += f_dd[j]; }
+    double u = 0, dd = 0, fast = 0;
+    for (int j = 0; j < L; j++) { u += f_upd[j]; dd += f_dd[j]; fast += sr_fast[j]; }
     row[col] = u; row[col + 1] = dd;
     col += 2;
     for (int f = 0; f < nf; f++) {
@@ -739,7 +768,7 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         }
         /* n_stall = n_updated - n_flip: a grid step needs w != b (the same value rounds the same) */
         row[col] = fl; row[col + 1] = u - fl; row[col + 2] = (double)sp;
-        row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr;
+        row[col + 3] = mv; row[col + 4] = nr; row[col + 5] = sr + fast;
         col += 6;
     }
 }
@@ -846,6 +875,9 @@ int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t
     J.do_grid = flags[5]; J.do_ulp = flags[6]; J.do_flips = flags[7]; J.do_hist = flags[8];
     J.nf = nf; J.ncols = ncols; J.chunk = chunk; J.n_chunks = n_chunks; J.next = 0;
     for (int f = 0; f < nf; f++) set_format(&J.f[f], fmts + 10 * f);
+    J.safe = __builtin_inff();
+    for (int f = 0; f < nf; f++)
+        if (J.f[f].fmax * 0.5f < J.safe) J.safe = J.f[f].fmax * 0.5f;
     worker_arg_t arg = {&J, flags[0]};
     if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
     run_parallel(worker, &arg, threads);

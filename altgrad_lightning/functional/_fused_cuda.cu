@@ -389,11 +389,11 @@ after_kernel(const long long *__restrict__ w_tab, const long long *__restrict__ 
                         move_s[f] += p;
                     else
                         n_whole[f]++;
-                    /* E[SR(vb + Δ)] - vb: Δ, clipped to the range */
+                    /* E[SR(vb + Δ)] - vb: Δ inside the range, else the clipped value minus vb */
                     const double s = vb + delta;
-                    double s_c = s;
-                    if (fabs(s) > F.fmax64) s_c = copysign(F.fmax64, s);
-                    const double e_sr = s_c - vb, m_near = vw - vb;
+                    double e_sr = delta;
+                    if (fabs(s) > F.fmax64) e_sr = copysign(F.fmax64, s) - vb;
+                    const double m_near = vw - vb;
                     near_s[f] = fma(m_near, m_near, near_s[f]);
                     sr_s[f] = fma(e_sr, e_sr, sr_s[f]);
                 }

@@ -62,7 +62,7 @@ def _survival(
     is a power of two above the smallest normal and ``d`` points toward zero, the smallest spacing at zero, and no
     neighbour at all (probability 0) outward from ``±max`` (saturating storage) or below the smallest value of a
     format without zero. It is unbiased inside the range, so the expected movement is ``d`` clipped to the
-    format's range.
+    format's range: ``d`` itself where ``v + d`` lies inside it (not ``(v + d) - v``, which rounds).
     """
     f64 = torch.float64
     unit = torch.ones((), dtype=f64, device=before.device) if scale is None else scale.to(f64)
@@ -79,7 +79,9 @@ def _survival(
     step = d.abs() / unit
     p_move = torch.where(stuck, 0.0, (step / gap).clamp_max(1.0))
     lowest = -fmt.max if fmt.signed else (0.0 if fmt.has_zero else fmt.smallest_subnormal)
-    expected = ((v + d / unit).clamp(lowest, fmt.max) - v) * unit
+    moved_to = v + d / unit
+    clipped = moved_to.clamp(lowest, fmt.max)
+    expected = torch.where(clipped == moved_to, d, (clipped - v) * unit)  # d itself inside the range
     return p_move, expected, (a - v) * unit, d
 
 
