@@ -229,6 +229,7 @@ INLINE __m512 round16(__m512 a, const fmt_t *F, __m512i *index) {
                                           _mm512_castsi512_ps(q_normal));
     const __m512i e = _mm512_maskz_sll_epi32(normal, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), set16(F->emin + 127)),
                                              _mm_cvtsi32_si128(F->m));
+    /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
     *index = _mm512_min_epi32(_mm512_add_epi32(e, n), set16(F->imax));
     return _mm512_min_ps(q, _mm512_set1_ps(F->fmax));
 }
