@@ -363,9 +363,10 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
                 const __m512i ef = _mm512_maskz_add_epi32(
                     valid, _mm512_min_epi32(_mm512_max_epi32(e_raw, set16(F->emin)), set16(F->eclamp)),
                     set16(1023 - F->m));
+                const __m512i inv_ef = _mm512_sub_epi32(set16(2046), ef);
                 const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
-                const __m512d ratio_lo = _mm512_mul_pd(x_lo, pow2_lo(_mm512_sub_epi32(set16(2046), ef)));
-                const __m512d ratio_hi = _mm512_mul_pd(x_hi, pow2_hi(_mm512_sub_epi32(set16(2046), ef)));
+                const __m512d ratio_lo = _mm512_mul_pd(x_lo, pow2_lo(inv_ef));
+                const __m512d ratio_hi = _mm512_mul_pd(x_hi, pow2_hi(inv_ef));
                 below16[f] = count16(below16[f], _mm512_kunpackb(_mm512_cmp_pd_mask(x_hi, y_hi, _CMP_LT_OQ),
                                                                  _mm512_cmp_pd_mask(x_lo, y_lo, _CMP_LT_OQ)));
                 ratio_s[f] += (vd)ratio_lo;
