@@ -224,6 +224,22 @@ def test_fused_pass_equals_reference_sums(diagnostics, backend):
             assert torch.equal(fused.snapshot_of(i).cpu().view(torch.int32), w.flatten().cpu().view(torch.int32))
 
 
+def test_formats_with_float32s_exponent_range_alone_equal_reference_sums(backend):
+    """Formats whose max lies in float32's top binades (bfloat16, a 29-bit format with 8 exponent bits), without
+    a narrow format beside them in the call. The CPU pass takes a fast path for blocks whose values all lie below
+    half of every format's max and below 2**(105 + M), where the rounding's power of two 2**(e + 23 - M) is still a
+    finite float32. For these formats the second bound is the lower one, and the adversarial weights include every
+    binade from 2**104 up."""
+    kind, dev = backend
+    fmts = [get_format(f) for f in ("bfloat16", "float29_e8m20_ieee")]
+    w, g, after = _adversarial(20000, seed=11)
+    param = w.clone().to(dev)
+    fused = FusedPass([param], fmts, ("stiffness", "grid", "ulp", "flips"), backend=kind)
+    _assert_one_step_equals_reference(
+        fused, param, g.to(dev), w.to(dev), g.to(dev), after.to(dev), fmts, ("stiffness", "grid", "flips"), "wide"
+    )
+
+
 def test_updates_below_max_whose_stored_value_rounds_up_to_max_are_clipped(backend):
     """Every weight is below each format's max, and all but a few are small. Those few round up to max and move
     by less than the spacing there: outward (stuck, and clipped), toward zero, and from just below the midpoint

@@ -44,7 +44,8 @@
 
 typedef struct {
     int32_t emin, eclamp, m, imax;
-    int32_t magic; /* round16 rounds by adding a power of two (see there) */
+    int32_t magic;   /* round16 rounds by adding a power of two (see there) */
+    int32_t steps32; /* a chunk's sum of grid steps fits a uint32 lane (flip_terms16) */
     uint32_t sub_c_bits;
     float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
     double fmax64;
@@ -56,7 +57,7 @@ typedef struct {
     float *snap;
     double *part;
     int64_t *hist;
-    float gscale, safe; /* safe: half the smallest max of the formats (flips_chunk_n) */
+    float gscale, fast; /* fast: the bound below which a block takes the fast path (set in altgrad_fused_pass) */
     int has_gscale, write_snap, sampled, do_stiff, do_grid, do_ulp, do_flips, do_hist, nf, ncols;
     int64_t chunk, n_chunks, next;
     fmt_t f[MAXF];
@@ -192,6 +193,21 @@ INLINE __m512 load16(const job_t *J, const float *src, int64_t soff, int64_t bas
     return _mm512_maskz_loadu_ps(first16(cnt), src + base);
 }
 
+/* The nearest-even grid value and index of 16 lanes 0 <= a <= max, a < 2**(105 + M), for M <= 22 (round16 once
+ * saturated, and the blocks below J->fast). With e = max(floor(log2 a), EMIN) and C = 2**(e + 23 - M) (a finite
+ * float32 there), a + C lies in [C, 2 C], where float32's spacing is 2**(e - M), the format's at a: the addition
+ * rounds a to the nearest-even grid value, t - C is exact, and the bits of t minus C's are the index less 2**M per
+ * binade above EMIN's (the CUDA C kernel's round_index). 10 instructions of one uop each (a shift by an xmm count
+ * would take two). */
+INLINE __m512 round16_fast(__m512 a, const fmt_t *F, __m512i *index) {
+    const __m512i k = _mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), set16(F->emin + 127));
+    const __m512i c = _mm512_slli_epi32(_mm512_add_epi32(k, set16(23 - F->m)), 23);
+    const __m512 t = _mm512_add_ps(a, _mm512_castsi512_ps(c));
+    const __m512i above = _mm512_sllv_epi32(_mm512_sub_epi32(k, set16(F->emin + 127)), set16(F->m));
+    *index = _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), c), above);
+    return _mm512_sub_ps(t, _mm512_castsi512_ps(c));
+}
+
 /* round_index (saturated nearest-even grid value and index of non-negative float32 lanes) of 16 lanes. */
 INLINE __m512 round16(__m512 a, const fmt_t *F, __m512i *index) {
     if (F->m >= 23) { /* the generic code, in halves (rare formats) */
@@ -201,19 +217,8 @@ INLINE __m512 round16(__m512 a, const fmt_t *F, __m512i *index) {
         *index = _mm512_inserti32x8(_mm512_castsi256_si512((__m256i)i0), (__m256i)i1, 1);
         return _mm512_insertf32x8(_mm512_castps256_ps512((__m256)q0), (__m256)q1, 1);
     }
-    if (F->magic) {
-        /* Saturation first (max is a grid value and rounding is monotone). With e = max(floor(log2 a), EMIN) and
-         * C = 2**(e + 23 - M), a + C lies in [C, 2 C], where float32's spacing is 2**(e - M), the format's at a:
-         * the addition rounds a to the nearest-even grid value, t - C is exact, and the bits of t minus C's are the
-         * index less 2**M per binade above EMIN's (the CUDA C kernel's round_index). 11 instructions. */
-        const __m512 ac = _mm512_min_ps(a, _mm512_set1_ps(F->fmax));
-        const __m512i k = _mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(ac), 23), set16(F->emin + 127));
-        const __m512i c = _mm512_slli_epi32(_mm512_add_epi32(k, set16(23 - F->m)), 23);
-        const __m512 t = _mm512_add_ps(ac, _mm512_castsi512_ps(c));
-        const __m512i above = _mm512_sll_epi32(_mm512_sub_epi32(k, set16(F->emin + 127)), _mm_cvtsi32_si128(F->m));
-        *index = _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), c), above);
-        return _mm512_sub_ps(t, _mm512_castsi512_ps(c));
-    }
+    if (F->magic) /* saturation first: max is a grid value and rounding is monotone */
+        return round16_fast(_mm512_min_ps(a, _mm512_set1_ps(F->fmax)), F, index);
     const __m512i bits = _mm512_castps_si512(a);
     const __mmask16 normal = _mm512_cmpge_epu32_mask(bits, set16((F->emin + 127) << 23));
     const __m512 t = _mm512_add_ps(
@@ -221,14 +226,14 @@ INLINE __m512 round16(__m512 a, const fmt_t *F, __m512i *index) {
         _mm512_set1_ps(8388608.0f));
     const __m512i n_normal = _mm512_sub_epi32(_mm512_castps_si512(t), set16(0x4B000000));
     const __m512i q_normal = _mm512_add_epi32(_mm512_sub_epi32(_mm512_and_si512(bits, set16(0x7F800000)), set16(0x800000)),
-                                              _mm512_sll_epi32(n_normal, _mm_cvtsi32_si128(23 - F->m)));
+                                              _mm512_sllv_epi32(n_normal, set16(23 - F->m)));
     const __m512 t_sub = _mm512_add_ps(a, _mm512_set1_ps(F->sub_c));
     const __m512i n = _mm512_mask_blend_epi32(
         normal, _mm512_sub_epi32(_mm512_castps_si512(t_sub), set16((int32_t)F->sub_c_bits)), n_normal);
     const __m512 q = _mm512_mask_blend_ps(normal, _mm512_sub_ps(t_sub, _mm512_set1_ps(F->sub_c)),
                                           _mm512_castsi512_ps(q_normal));
-    const __m512i e = _mm512_maskz_sll_epi32(normal, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), set16(F->emin + 127)),
-                                             _mm_cvtsi32_si128(F->m));
+    const __m512i e = _mm512_maskz_sllv_epi32(normal, _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), set16(F->emin + 127)),
+                                              set16(F->m));
     /* Saturation: past max the extended grid's value is above max (or inf) and its index above IMAX. */
     *index = _mm512_min_epi32(_mm512_add_epi32(e, n), set16(F->imax));
     return _mm512_min_ps(q, _mm512_set1_ps(F->fmax));
@@ -301,6 +306,51 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
 }
 
 
+#ifdef ALTGRAD_AVX512
+/* One format's stiffness and grid terms of a 16-lane block (before_chunk_n), into its accumulators; `fast` (a
+ * constant): the block lies below J->fast. */
+INLINE void before_terms16(const job_t *J, const fmt_t *F, const int fast, __m512 a, __m512i e_raw, __mmask16 wfin,
+                           __mmask16 valid, __m512d x_lo, __m512d x_hi, __m512i *below, vd *ratio_s, vd *y_s,
+                           vd *yy_s, vd *xy_s, __m512i *on, __m512i *over, __m512i *under, vd *err_s, vd *err2_s,
+                           __m512 *err_max) {
+    const __m512 zf = _mm512_setzero_ps(), absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
+    if (J->do_stiff) {
+        /* S's exponent field, 0 where not valid; |g| / S exactly: 1 / S has the exponent field 2046 - S's, formed
+         * on the float64 bits (2**1023 where y = 0, and then x = 0) */
+        const __m512i ef = _mm512_maskz_add_epi32(
+            valid, _mm512_min_epi32(_mm512_max_epi32(e_raw, set16(F->emin)), set16(F->eclamp)), set16(1023 - F->m));
+        const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
+        const __m512i inv = _mm512_set1_epi64((int64_t)2046 << 52);
+        const __m512d ratio_lo = _mm512_mul_pd(x_lo, _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_lo))));
+        const __m512d ratio_hi = _mm512_mul_pd(x_hi, _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_hi))));
+        *below = count16(*below, _mm512_kunpackb(_mm512_cmp_pd_mask(x_hi, y_hi, _CMP_LT_OQ),
+                                                 _mm512_cmp_pd_mask(x_lo, y_lo, _CMP_LT_OQ)));
+        *ratio_s += (vd)ratio_lo;
+        *ratio_s += (vd)ratio_hi;
+        *y_s += (vd)y_lo;
+        *y_s += (vd)y_hi;
+        *yy_s = (vd)_mm512_fmadd_pd(y_lo, y_lo, (__m512d)*yy_s);
+        *yy_s = (vd)_mm512_fmadd_pd(y_hi, y_hi, (__m512d)*yy_s);
+        *xy_s = (vd)_mm512_fmadd_pd(x_lo, y_lo, (__m512d)*xy_s);
+        *xy_s = (vd)_mm512_fmadd_pd(x_hi, y_hi, (__m512d)*xy_s);
+    }
+    if (J->do_grid) {
+        __m512i ix;
+        const __m512 q = fast ? round16_fast(a, F, &ix) : round16(a, F, &ix);
+        const __m512 err = _mm512_maskz_and_ps(wfin, _mm512_sub_ps(a, q), absm); /* |w - copysign(q, w)| */
+        const __m512d err_lo = lo_pd(err), err_hi = hi_pd(err);
+        *on = count16(*on, _mm512_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
+        if (!fast) *over = count16(*over, _mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(F->fmax), _CMP_GT_OQ));
+        *under = count16(*under, _mm512_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
+        *err_s += (vd)err_lo;
+        *err_s += (vd)err_hi;
+        *err2_s = (vd)_mm512_fmadd_pd(err_lo, err_lo, (__m512d)*err2_s);
+        *err2_s = (vd)_mm512_fmadd_pd(err_hi, err_hi, (__m512d)*err2_s);
+        *err_max = _mm512_max_ps(err, *err_max);
+    }
+}
+#endif
+
 /* One chunk's stiffness and grid sums (and its snapshot), for nf formats: called with a constant nf (see
  * before_chunk), so that the format loop unrolls and the accumulators stay in registers. */
 INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
@@ -320,6 +370,8 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
         err_max[f] = allf(0.0f);
     }
 #ifdef ALTGRAD_AVX512
+    fmt_t Fs[MAXF]; /* local copies: the unrolled format loop keeps their constants out of the block loop */
+    for (int f = 0; f < nf; f++) Fs[f] = J->f[f];
     const __m512 inf = _mm512_set1_ps(__builtin_inff()), zf = _mm512_setzero_ps();
     const __m512 absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
     const __m512i zi = _mm512_setzero_si512();
@@ -355,44 +407,19 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             s_xx = (vd)_mm512_fmadd_pd(x_hi, x_hi, (__m512d)s_xx);
         }
         if (J->do_grid) r_valid16 = count16(r_valid16, wfin);
-        for (int f = 0; f < nf; f++) {
-            const fmt_t *F = &J->f[f];
-            if (J->do_stiff) {
-                /* S's exponent field, 0 where not valid; |g| / S exactly: 1 / S has the exponent field 2046 - S's
-                 * (2**1023 where y = 0, and then x = 0) */
-                const __m512i ef = _mm512_maskz_add_epi32(
-                    valid, _mm512_min_epi32(_mm512_max_epi32(e_raw, set16(F->emin)), set16(F->eclamp)),
-                    set16(1023 - F->m));
-                const __m512i inv_ef = _mm512_sub_epi32(set16(2046), ef);
-                const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
-                const __m512d ratio_lo = _mm512_mul_pd(x_lo, pow2_lo(inv_ef));
-                const __m512d ratio_hi = _mm512_mul_pd(x_hi, pow2_hi(inv_ef));
-                below16[f] = count16(below16[f], _mm512_kunpackb(_mm512_cmp_pd_mask(x_hi, y_hi, _CMP_LT_OQ),
-                                                                 _mm512_cmp_pd_mask(x_lo, y_lo, _CMP_LT_OQ)));
-                ratio_s[f] += (vd)ratio_lo;
-                ratio_s[f] += (vd)ratio_hi;
-                y_s[f] += (vd)y_lo;
-                y_s[f] += (vd)y_hi;
-                yy_s[f] = (vd)_mm512_fmadd_pd(y_lo, y_lo, (__m512d)yy_s[f]);
-                yy_s[f] = (vd)_mm512_fmadd_pd(y_hi, y_hi, (__m512d)yy_s[f]);
-                xy_s[f] = (vd)_mm512_fmadd_pd(x_lo, y_lo, (__m512d)xy_s[f]);
-                xy_s[f] = (vd)_mm512_fmadd_pd(x_hi, y_hi, (__m512d)xy_s[f]);
-            }
-            if (J->do_grid) {
-                __m512i ix;
-                const __m512 q = round16(a, F, &ix);
-                const __m512 err = _mm512_maskz_and_ps(wfin, _mm512_sub_ps(a, q), absm); /* |w - copysign(q, w)| */
-                const __m512d err_lo = lo_pd(err), err_hi = hi_pd(err);
-                on16[f] = count16(on16[f], _mm512_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
-                over16[f] = count16(over16[f], _mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(F->fmax), _CMP_GT_OQ));
-                under16[f] = count16(under16[f], _mm512_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) &
-                                                     _mm512_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
-                err_s[f] += (vd)err_lo;
-                err_s[f] += (vd)err_hi;
-                err2_s[f] = (vd)_mm512_fmadd_pd(err_lo, err_lo, (__m512d)err2_s[f]);
-                err2_s[f] = (vd)_mm512_fmadd_pd(err_hi, err_hi, (__m512d)err2_s[f]);
-                err_max16[f] = _mm512_max_ps(err, err_max16[f]);
-            }
+        /* Below J->fast no element needs saturating: every format's grid value is round16_fast's */
+        if (!_mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(J->fast), _CMP_GE_OQ)) {
+#pragma GCC unroll 8
+            for (int f = 0; f < nf; f++)
+                before_terms16(J, &Fs[f], 1, a, e_raw, wfin, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
+                               &yy_s[f], &xy_s[f], &on16[f], &over16[f], &under16[f], &err_s[f], &err2_s[f],
+                               &err_max16[f]);
+        } else {
+#pragma GCC unroll 8
+            for (int f = 0; f < nf; f++)
+                before_terms16(J, &Fs[f], 0, a, e_raw, wfin, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
+                               &yy_s[f], &xy_s[f], &on16[f], &over16[f], &under16[f], &err_s[f], &err2_s[f],
+                               &err_max16[f]);
         }
     }
     s_valid = fold16(s_valid16);
@@ -580,18 +607,23 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
 
 #ifdef ALTGRAD_AVX512
 /* One format's flip terms of a 16-lane block (flips_chunk_n), into its accumulators; `safe` (a constant): the
- * block needs no clipping at max (see the caller), and its expected stochastic-rounding movement is added by the
- * caller. */
+ * block lies below J->fast (see the caller): it needs no saturation nor clipping at max, and its expected
+ * stochastic-rounding movement is added by the caller. */
 INLINE void flip_terms16(const fmt_t *F, const int safe, __m512 ab, __m512 aw, __m512 b_sign, __m512 w_sign,
                          __mmask16 valid, __mmask16 b_neg, __mmask16 w_neg, __mmask16 toward_sign, __m512d d_lo,
-                         __m512d d_hi, __m512i *flip, vl *steps_s, vd *move_s, vd *near_s, vd *sr_s) {
+                         __m512d d_hi, __m512i *flip, __m512i *steps32, vl *steps_s, vd *move_s, vd *near_s,
+                         vd *sr_s) {
     const __m512i zi = _mm512_setzero_si512();
     __m512i ib, iw;
-    const __m512 qb = round16(ab, F, &ib);
-    const __m512 qw = round16(aw, F, &iw);
+    const __m512 qb = safe ? round16_fast(ab, F, &ib) : round16(ab, F, &ib);
+    const __m512 qw = safe ? round16_fast(aw, F, &iw) : round16(aw, F, &iw);
     const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
     __mmask16 moved;
-    if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
+    if (F->steps32) { /* a chunk's sum fits each uint32 lane: widened once, at the end of the chunk */
+        const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
+        moved = _mm512_test_epi32_mask(steps, steps);
+        *steps32 = _mm512_add_epi32(*steps32, steps);
+    } else if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
         const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
         moved = _mm512_test_epi32_mask(steps, steps);
         *steps_s += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
@@ -662,8 +694,10 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
     const __m512i zi = _mm512_setzero_si512();
     const __m512 zf = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
     const __m512 absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
-    __m512i u_valid16 = zi, f_upd16 = zi, flip16[MAXF];
-    for (int f = 0; f < nf; f++) flip16[f] = zi;
+    fmt_t Fs[MAXF]; /* as in before_chunk_n */
+    for (int f = 0; f < nf; f++) Fs[f] = J->f[f];
+    __m512i u_valid16 = zi, f_upd16 = zi, flip16[MAXF], steps32[MAXF];
+    for (int f = 0; f < nf; f++) flip16[f] = steps32[f] = zi;
     for (int64_t base = start; base < end; base += L16) {
         const int cnt = end - base < L16 ? (int)(end - base) : L16;
         const __m512 b = _mm512_maskz_loadu_ps(first16(cnt), J->snap + soff + base);
@@ -681,24 +715,30 @@ INLINE void flips_chunk_n(job_t *J, int64_t c, int col, int count_valid, const i
         const __mmask16 b_neg = _mm512_cmp_ps_mask(b, zf, _CMP_LT_OQ), w_neg = _mm512_cmp_ps_mask(w, zf, _CMP_LT_OQ);
         const __mmask16 toward_sign = _mm512_mask_cmp_ps_mask(updated, w, b, _CMP_LT_OQ) ^ b_neg;
         const __m512 b_sign = _mm512_maskz_mov_ps(b_neg, sign), w_sign = _mm512_maskz_mov_ps(w_neg, sign);
-        /* Where no valid element reaches half of the smallest max (the common case), no stored value is at max
-         * and v + delta stays inside every format's range: the expected stochastic-rounding movement is delta for
-         * every format, added once (sr_fast), and nothing is stuck. */
-        if (!_mm512_mask_cmp_ps_mask(valid, _mm512_max_ps(ab, aw), _mm512_set1_ps(J->safe), _CMP_GE_OQ)) {
+        /* Where no valid element reaches J->fast (the common case), no stored value is at max and v + delta stays
+         * inside every format's range: the expected stochastic-rounding movement is delta for every format, added
+         * once (sr_fast), and nothing is stuck. */
+        if (!_mm512_mask_cmp_ps_mask(valid, _mm512_max_ps(ab, aw), _mm512_set1_ps(J->fast), _CMP_GE_OQ)) {
             sr_fast = (vd)_mm512_fmadd_pd(d_lo, d_lo, (__m512d)sr_fast);
             sr_fast = (vd)_mm512_fmadd_pd(d_hi, d_hi, (__m512d)sr_fast);
+#pragma GCC unroll 8
             for (int f = 0; f < nf; f++)
-                flip_terms16(&J->f[f], 1, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
-                             &flip16[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
+                flip_terms16(&Fs[f], 1, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
+                             &flip16[f], &steps32[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
         } else {
+#pragma GCC unroll 8
             for (int f = 0; f < nf; f++)
-                flip_terms16(&J->f[f], 0, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
-                             &flip16[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
+                flip_terms16(&Fs[f], 0, ab, aw, b_sign, w_sign, valid, b_neg, w_neg, toward_sign, d_lo, d_hi,
+                             &flip16[f], &steps32[f], &steps_s[f], &move_s[f], &near_s[f], &sr_s[f]);
         }
     }
     u_valid = fold16(u_valid16);
     f_upd = fold16(f_upd16);
-    for (int f = 0; f < nf; f++) flip[f] = fold16(flip16[f]);
+    for (int f = 0; f < nf; f++) {
+        flip[f] = fold16(flip16[f]);
+        steps_s[f] += (vl)_mm512_cvtepu32_epi64(lo8i(steps32[f]));
+        steps_s[f] += (vl)_mm512_cvtepu32_epi64(hi8i(steps32[f]));
+    }
 #else
     for (int64_t base = start; base < end; base += L) {
         const int cnt = end - base < L ? (int)(end - base) : L;
@@ -876,10 +916,17 @@ int altgrad_fused_pass(const int64_t *w_tab, const int64_t *g_tab, const int64_t
     J.has_gscale = flags[1]; J.write_snap = flags[2]; J.sampled = flags[3]; J.do_stiff = flags[4];
     J.do_grid = flags[5]; J.do_ulp = flags[6]; J.do_flips = flags[7]; J.do_hist = flags[8];
     J.nf = nf; J.ncols = ncols; J.chunk = chunk; J.n_chunks = n_chunks; J.next = 0;
-    for (int f = 0; f < nf; f++) set_format(&J.f[f], fmts + 10 * f);
-    J.safe = __builtin_inff();
-    for (int f = 0; f < nf; f++)
-        if (J.f[f].fmax * 0.5f < J.safe) J.safe = J.f[f].fmax * 0.5f;
+    /* The fast path's bound: blocks whose valid elements all lie below half of every format's max and below
+     * 2**(105 + M) (round16_fast); none if a format has M >= 23. */
+    J.fast = __builtin_inff();
+    for (int f = 0; f < nf; f++) {
+        fmt_t *F = &J.f[f];
+        set_format(F, fmts + 10 * f);
+        F->steps32 = 2.0 * F->imax * (double)((chunk + 15) / 16) < 4294967296.0; /* a lane's steps per chunk */
+        const float magic_bound = F->m < 23 ? u2f_scalar((uint32_t)(105 + F->m + 127) << 23) : 0.0f;
+        const float bound = F->fmax * 0.5f < magic_bound ? F->fmax * 0.5f : magic_bound;
+        if (bound < J.fast) J.fast = bound;
+    }
     worker_arg_t arg = {&J, flags[0]};
     if ((int64_t)threads > n_chunks) threads = n_chunks > 1 ? (int)n_chunks : 1;
     run_parallel(worker, &arg, threads);
