@@ -161,10 +161,13 @@ INLINE vf round_index(vf a, const fmt_t *F, vi *index) {
  * one 512-bit vector, and do the float64 work in two halves of 8: the float32 and int32 steps, most of the
  * instructions, take half as many instructions as in 256-bit vectors (session 12). Every value is the generic
  * code's; a few steps are formulated for the instruction set (session 8, as the CUDA C kernel): saturation as
- * minima, 1 / S from S's exponent field, the stochastic-rounding gap's exponent from qb's bits minus one toward
+ * minima, 1 / S from S's float64 bits, the stochastic-rounding gap's exponent from qb's bits minus one toward
  * zero, and the squares fused with their accumulation (in `before` the products are exact, so the sums are the
- * same; in the flips one rounding per term instead of two). tests/test_fused.py checks both builds against the
- * reference. */
+ * same; in the flips one rounding per term instead of two). The format loops are unrolled over local copies of
+ * the formats, so that their constants leave the block loop (GCC keeps them rolled otherwise, with the
+ * accumulators on the stack), and a block whose values all lie below J->fast takes a branch where every format
+ * rounds with round16_fast and nothing is saturated or clipped (session 13). tests/test_fused.py checks both
+ * builds against the reference. */
 #define ALTGRAD_AVX512 1
 #define L16 16
 INLINE __m512i set16(int32_t x) { return _mm512_set1_epi32(x); }
