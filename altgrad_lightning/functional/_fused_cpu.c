@@ -48,6 +48,7 @@ typedef struct {
     int32_t steps32; /* a chunk's sum of grid steps fits a uint32 lane (flip_terms16) */
     uint32_t sub_c_bits;
     float p2m, fmax, sub_c; /* sub_c = 2**(EMIN - M + 23), see round_raw */
+    float zero_max;         /* 2**(EMIN - M - 1): the largest value that rounds to 0 (ties to even), M <= 22 */
     double fmax64;
 } fmt_t;
 
@@ -313,15 +314,16 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
 /* One format's stiffness and grid terms of a 16-lane block (before_chunk_n), into its accumulators; `fast` (a
  * constant): the block lies below J->fast. */
 INLINE void before_terms16(const job_t *J, const fmt_t *F, const int fast, __m512 a, __m512i e_raw, __mmask16 wfin,
-                           __mmask16 valid, __m512d x_lo, __m512d x_hi, __m512i *below, vd *ratio_s, vd *y_s,
+                           __mmask16 wnz, __mmask16 valid, __m512d x_lo, __m512d x_hi, __m512i *below, vd *ratio_s, vd *y_s,
                            vd *yy_s, vd *xy_s, __m512i *on, __m512i *over, __m512i *under, vd *err_s, vd *err2_s,
                            __m512 *err_max) {
     const __m512 zf = _mm512_setzero_ps(), absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
     if (J->do_stiff) {
         /* S's exponent field, 0 where not valid; |g| / S exactly: 1 / S has the exponent field 2046 - S's, formed
          * on the float64 bits (2**1023 where y = 0, and then x = 0) */
-        const __m512i ef = _mm512_maskz_add_epi32(
-            valid, _mm512_min_epi32(_mm512_max_epi32(e_raw, set16(F->emin)), set16(F->eclamp)), set16(1023 - F->m));
+        const __m512i e_lo = _mm512_max_epi32(e_raw, set16(F->emin)); /* below J->fast, e_raw < EMAX <= ECLAMP */
+        const __m512i ef = _mm512_maskz_add_epi32(valid, fast ? e_lo : _mm512_min_epi32(e_lo, set16(F->eclamp)),
+                                                  set16(1023 - F->m));
         const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
         const __m512i inv = _mm512_set1_epi64((int64_t)2046 << 52);
         const __m512d ratio_lo = _mm512_mul_pd(x_lo, _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_lo))));
@@ -344,7 +346,9 @@ INLINE void before_terms16(const job_t *J, const fmt_t *F, const int fast, __m51
         const __m512d err_lo = lo_pd(err), err_hi = hi_pd(err);
         *on = count16(*on, _mm512_mask_cmp_ps_mask(wfin, err, zf, _CMP_EQ_OQ));
         if (!fast) *over = count16(*over, _mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(F->fmax), _CMP_GT_OQ));
-        *under = count16(*under, _mm512_mask_cmp_ps_mask(wfin, q, zf, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(a, zf, _CMP_NEQ_OQ));
+        /* Below J->fast, q = 0 exactly up to 2**(EMIN - M - 1) */
+        *under = count16(*under, fast ? _mm512_mask_cmp_ps_mask(wnz, a, _mm512_set1_ps(F->zero_max), _CMP_LE_OQ)
+                                      : _mm512_mask_cmp_ps_mask(wnz, q, zf, _CMP_EQ_OQ));
         *err_s += (vd)err_lo;
         *err_s += (vd)err_hi;
         *err2_s = (vd)_mm512_fmadd_pd(err_lo, err_lo, (__m512d)*err2_s);
@@ -410,17 +414,18 @@ INLINE void before_chunk_n(job_t *J, int64_t c, const int nf) {
             s_xx = (vd)_mm512_fmadd_pd(x_hi, x_hi, (__m512d)s_xx);
         }
         if (J->do_grid) r_valid16 = count16(r_valid16, wfin);
+        const __mmask16 wnz = _mm512_mask_cmp_ps_mask(wfin, a, zf, _CMP_NEQ_OQ); /* finite, nonzero */
         /* Below J->fast no element needs saturating: every format's grid value is round16_fast's */
         if (!_mm512_mask_cmp_ps_mask(wfin, a, _mm512_set1_ps(J->fast), _CMP_GE_OQ)) {
 #pragma GCC unroll 8
             for (int f = 0; f < nf; f++)
-                before_terms16(J, &Fs[f], 1, a, e_raw, wfin, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
+                before_terms16(J, &Fs[f], 1, a, e_raw, wfin, wnz, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
                                &yy_s[f], &xy_s[f], &on16[f], &over16[f], &under16[f], &err_s[f], &err2_s[f],
                                &err_max16[f]);
         } else {
 #pragma GCC unroll 8
             for (int f = 0; f < nf; f++)
-                before_terms16(J, &Fs[f], 0, a, e_raw, wfin, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
+                before_terms16(J, &Fs[f], 0, a, e_raw, wfin, wnz, valid, x_lo, x_hi, &below16[f], &ratio_s[f], &y_s[f],
                                &yy_s[f], &xy_s[f], &on16[f], &over16[f], &under16[f], &err_s[f], &err2_s[f],
                                &err_max16[f]);
         }
@@ -901,6 +906,8 @@ static void set_format(fmt_t *F, const double *r) {
     F->sub_c_bits = (uint32_t)(F->emin - F->m + 23 + 127) << 23; /* normal: EMIN >= -126, M <= 23 */
     F->sub_c = u2f_scalar(F->sub_c_bits);
     F->magic = r[9] != 0.0; /* 2**(e + 23 - M) is a finite float32 for every binade e up to max's */
+    const int zk = F->emin - F->m - 1; /* >= -149 for M <= 22 (EMIN >= -126): a float32, denormal below -126 */
+    F->zero_max = u2f_scalar(zk >= -126 ? (uint32_t)(zk + 127) << 23 : zk >= -149 ? 1u << (zk + 149) : 0u);
 }
 
 /* Run one pass over all chunks with up to `threads` threads (the caller's included). `fmts` holds nf rows of
