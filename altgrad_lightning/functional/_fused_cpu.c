@@ -614,17 +614,17 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
 }
 
 #ifdef ALTGRAD_AVX512
-/* One format's flip terms of a 16-lane block (flips_chunk_n), into its accumulators; `safe` (a constant): the
+/* One format's flip terms of a 16-lane block (flips_chunk_n), into its accumulators; `fast` (a constant): the
  * block lies below J->fast (see the caller): it needs no saturation nor clipping at max, and its expected
  * stochastic-rounding movement is added by the caller. */
-INLINE void flip_terms16(const fmt_t *F, const int safe, __m512 ab, __m512 aw, __m512 b_sign, __m512 w_sign,
+INLINE void flip_terms16(const fmt_t *F, const int fast, __m512 ab, __m512 aw, __m512 b_sign, __m512 w_sign,
                          __mmask16 valid, __mmask16 b_neg, __mmask16 w_neg, __mmask16 toward_sign, __m512d d_lo,
                          __m512d d_hi, __m512i *flip, __m512i *steps32, vl *steps_s, vd *move_s, vd *near_s,
                          vd *sr_s) {
     const __m512i zi = _mm512_setzero_si512();
     __m512i ib, iw;
-    const __m512 qb = safe ? round16_fast(ab, F, &ib) : round16(ab, F, &ib);
-    const __m512 qw = safe ? round16_fast(aw, F, &iw) : round16(aw, F, &iw);
+    const __m512 qb = fast ? round16_fast(ab, F, &ib) : round16(ab, F, &ib);
+    const __m512 qw = fast ? round16_fast(aw, F, &iw) : round16(aw, F, &iw);
     const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
     __mmask16 moved;
     if (F->steps32) { /* a chunk's sum fits each uint32 lane: widened once, at the end of the chunk */
@@ -661,7 +661,7 @@ INLINE void flip_terms16(const fmt_t *F, const int safe, __m512 ab, __m512 aw, _
     const __m512d n_lo = _mm512_sub_pd(vw_lo, vb_lo), n_hi = _mm512_sub_pd(vw_hi, vb_hi);
     *near_s = (vd)_mm512_fmadd_pd(n_lo, n_lo, (__m512d)*near_s);
     *near_s = (vd)_mm512_fmadd_pd(n_hi, n_hi, (__m512d)*near_s);
-    if (safe) {
+    if (fast) {
         *move_s += (vd)p_lo;
         *move_s += (vd)p_hi;
         return;
