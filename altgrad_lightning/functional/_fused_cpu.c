@@ -536,6 +536,18 @@ INLINE vi after_block(const job_t *J, const float *W, int64_t soff, int64_t base
     return (lanes() < cnt) & (vabs(*b) < __builtin_inff()) & (vabs(*w) < __builtin_inff());
 }
 
+#ifdef ALTGRAD_AVX512
+/* The AVX-512 ULP loop stores its blocks' buckets as uint16 and counts them here, HBUF at a time: a scalar loop of
+ * loads and increments. Taking the 16 buckets of a block out of the vector instead (what the compiler makes of a
+ * store and reload) takes two port-5 uops per element, and the loop waited on them
+ * (benchmarks/NOTES.md, session 13). */
+#define HBUF 1024
+static inline void count_buckets(uint32_t (*hist)[HIST_BINS], const uint16_t *bk, int n) {
+    for (int j = 0; j < n; j += HCOPIES) /* n: a multiple of 16 */
+        for (int h = 0; h < HCOPIES; h++) hist[h][bk[j + h]]++;
+}
+#endif
+
 /* One chunk's n_valid and ULP sums, and its fine ULP histogram into `hist`: row[0..3]. */
 INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     const span_t S = chunk_span(J, c);
@@ -548,6 +560,8 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
     const __m512i zi = _mm512_setzero_si512(), mag = set16(0x7FFFFFFF);
     const __m512 inf = _mm512_set1_ps(__builtin_inff());
     __m512i u_valid16 = zi, u_zero16 = zi, u_max16 = zi;
+    uint16_t bk[HBUF]; /* buckets, counted by count_buckets every HBUF elements */
+    int nbk = 0;
     for (int64_t base = start; base < end; base += L16) {
         const int cnt = end - base < L16 ? (int)(end - base) : L16;
         const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(first16(cnt), J->snap + soff + base));
@@ -571,12 +585,16 @@ INLINE void ulp_chunk(job_t *J, int64_t c, uint32_t (*hist)[HIST_BINS]) {
             const __m512i dd = _mm512_mask_srli_epi32(d, big, d, 8);
             const __m512i top = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(dd)), 19),
                                                  set16(16 * 127 - 1));
-            int32_t bucket[L16];
-            _mm512_storeu_si512((void *)bucket, _mm512_maskz_mov_epi32(moved, _mm512_mask_add_epi32(top, big, top,
-                                                                                                  set16(128))));
-            for (int j = 0; j < L16; j++) hist[j % HCOPIES][bucket[j]]++;
+            const __m512i bucket = _mm512_maskz_mov_epi32(moved, _mm512_mask_add_epi32(top, big, top, set16(128)));
+            _mm256_storeu_si256((__m256i *)(bk + nbk), _mm512_cvtepi32_epi16(bucket)); /* < HIST_BINS */
+            nbk += L16;
+            if (nbk == HBUF) {
+                count_buckets(hist, bk, nbk);
+                nbk = 0;
+            }
         }
     }
+    if (nbk) count_buckets(hist, bk, nbk);
     u_valid = fold16(u_valid16);
     u_zero = fold16(u_zero16);
     u_max = (vu)_mm256_max_epu32(lo8i(u_max16), hi8i(u_max16));
