@@ -309,14 +309,13 @@ INLINE vf load_block(const job_t *J, const float *src, int64_t soff, int64_t bas
     return out;
 }
 
-
 #ifdef ALTGRAD_AVX512
 /* One format's stiffness and grid terms of a 16-lane block (before_chunk_n), into its accumulators; `fast` (a
  * constant): the block lies below J->fast. */
 INLINE void before_terms16(const job_t *J, const fmt_t *F, const int fast, __m512 a, __m512i e_raw, __mmask16 wfin,
-                           __mmask16 wnz, __mmask16 valid, __m512d x_lo, __m512d x_hi, __m512i *below, vd *ratio_s, vd *y_s,
-                           vd *yy_s, vd *xy_s, __m512i *on, __m512i *over, __m512i *under, vd *err_s, vd *err2_s,
-                           __m512 *err_max) {
+                           __mmask16 wnz, __mmask16 valid, __m512d x_lo, __m512d x_hi, __m512i *below, vd *ratio_s,
+                           vd *y_s, vd *yy_s, vd *xy_s, __m512i *on, __m512i *over, __m512i *under, vd *err_s,
+                           vd *err2_s, __m512 *err_max) {
     const __m512 zf = _mm512_setzero_ps(), absm = _mm512_castsi512_ps(set16(0x7FFFFFFF));
     if (J->do_stiff) {
         /* S's exponent field, 0 where not valid; |g| / S exactly: 1 / S has the exponent field 2046 - S's, formed
@@ -326,8 +325,9 @@ INLINE void before_terms16(const job_t *J, const fmt_t *F, const int fast, __m51
                                                   set16(1023 - F->m));
         const __m512d y_lo = pow2_lo(ef), y_hi = pow2_hi(ef);
         const __m512i inv = _mm512_set1_epi64((int64_t)2046 << 52);
-        const __m512d ratio_lo = _mm512_mul_pd(x_lo, _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_lo))));
-        const __m512d ratio_hi = _mm512_mul_pd(x_hi, _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_hi))));
+        const __m512d inv_lo = _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_lo)));
+        const __m512d inv_hi = _mm512_castsi512_pd(_mm512_sub_epi64(inv, _mm512_castpd_si512(y_hi)));
+        const __m512d ratio_lo = _mm512_mul_pd(x_lo, inv_lo), ratio_hi = _mm512_mul_pd(x_hi, inv_hi);
         *below = count16(*below, _mm512_kunpackb(_mm512_cmp_pd_mask(x_hi, y_hi, _CMP_LT_OQ),
                                                  _mm512_cmp_pd_mask(x_lo, y_lo, _CMP_LT_OQ)));
         *ratio_s += (vd)ratio_lo;
@@ -645,14 +645,13 @@ INLINE void flip_terms16(const fmt_t *F, const int fast, __m512 ab, __m512 aw, _
     const __m512 qw = fast ? round16_fast(aw, F, &iw) : round16(aw, F, &iw);
     const __m512i sw = _mm512_mask_sub_epi32(iw, w_neg, zi, iw), sb = _mm512_mask_sub_epi32(ib, b_neg, zi, ib);
     __mmask16 moved;
-    if (F->steps32) { /* a chunk's sum fits each uint32 lane: widened once, at the end of the chunk */
+    if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
         const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
         moved = _mm512_test_epi32_mask(steps, steps);
-        *steps32 = _mm512_add_epi32(*steps32, steps);
-    } else if (F->imax < (1 << 30)) { /* |sw - sb| <= 2 IMAX < 2**31: the two halves' sum fits uint32 */
-        const __m512i steps = _mm512_maskz_abs_epi32(valid, _mm512_sub_epi32(sw, sb));
-        moved = _mm512_test_epi32_mask(steps, steps);
-        *steps_s += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
+        if (F->steps32) /* a chunk's sum fits each uint32 lane: widened once, at the end of the chunk */
+            *steps32 = _mm512_add_epi32(*steps32, steps);
+        else
+            *steps_s += (vl)_mm512_cvtepu32_epi64(_mm256_add_epi32(lo8i(steps), hi8i(steps)));
     } else {
         const __m512i s_lo = _mm512_maskz_abs_epi64(lo8(valid), _mm512_sub_epi64(_mm512_cvtepi32_epi64(lo8i(sw)),
                                                                                _mm512_cvtepi32_epi64(lo8i(sb))));
